@@ -1,0 +1,165 @@
+"""Token-level preparation of language-modelling examples: masking, truncation, packing.
+
+An example is ``{"input_ids": list[int], "loss_mask": list[int]}`` where ``loss_mask[t]``
+is 1 when token ``t`` is a *target* of the loss (response tokens for SFT, every token for
+pretraining text). The mask is built from token spans (prompt ids, then completion ids), never
+by searching strings, so the first response token is always a target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class TruncationStats:
+    """What the truncation policy cut, so that nothing is dropped silently."""
+
+    examples: int = 0
+    """Examples tokenized."""
+    prompts_cut: int = 0
+    """Examples whose prompt lost tokens on the left."""
+    prompt_tokens_cut: int = 0
+    """Prompt tokens removed in total."""
+    responses_cut: int = 0
+    """Examples whose response alone exceeded ``max_length`` and lost its end (EOS included)."""
+    response_tokens_cut: int = 0
+    """Response tokens removed in total."""
+    chunks: int = 0
+    """Pretraining texts longer than ``max_length`` are split into this many extra chunks."""
+
+    def as_metrics(self, prefix: str = "data/") -> dict[str, float]:
+        """Flat ``{"data/prompts_cut": n, ...}`` for metrics.json."""
+        return {f"{prefix}{k}": float(v) for k, v in vars(self).items()}
+
+
+def encode_demonstrations(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    completions: list[str],
+    max_length: int,
+    append_eos: bool = True,
+) -> tuple[list[dict], TruncationStats]:
+    """Tokenize prompt/completion pairs with the loss on completion tokens only.
+
+    Truncation policy: the response is kept whole and the prompt is cut from the *left*
+    (its start is least informative for the reply); only when the response alone is longer
+    than ``max_length`` is the response cut on the right (losing EOS). Both are counted.
+
+    Args:
+        tokenizer: Any HF tokenizer; special tokens are not added (no BOS), EOS is appended.
+        prompts: Prompt strings.
+        completions: Completion strings (same length as ``prompts``).
+        max_length: Longest allowed sequence, in tokens.
+        append_eos: Append ``tokenizer.eos_token_id`` to each completion.
+
+    Returns:
+        ``(examples, stats)``.
+    """
+    stats = TruncationStats()
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    out = []
+    for p, c in zip(p_ids, c_ids):
+        c = list(c) + eos
+        stats.examples += 1
+        if len(c) > max_length:
+            stats.responses_cut += 1
+            stats.response_tokens_cut += len(c) - max_length
+            c = c[:max_length]
+        room = max_length - len(c)
+        if len(p) > room:
+            stats.prompts_cut += 1
+            stats.prompt_tokens_cut += len(p) - room
+            p = p[len(p) - room :] if room > 0 else []
+        out.append({"input_ids": list(p) + c, "loss_mask": [0] * len(p) + [1] * len(c)})
+    return out, stats
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, append_eos: bool = True
+) -> tuple[list[dict], TruncationStats]:
+    """Tokenize pretraining texts with the loss on every token.
+
+    A text longer than ``max_length`` is split into consecutive chunks (never dropped).
+    """
+    stats = TruncationStats()
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids = list(ids) + eos
+        stats.examples += 1
+        for start in range(0, len(ids), max_length):
+            piece = ids[start : start + max_length]
+            out.append({"input_ids": piece, "loss_mask": [1] * len(piece)})
+        stats.chunks += max(0, (len(ids) - 1) // max_length)
+    return out, stats
+
+
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Greedily concatenate examples into rows of at most ``max_length`` tokens.
+
+    Each row keeps per-example ``position_ids`` that restart at 0; models that support it
+    (transformers' packed-sequence detection, used when ``attention_mask`` is None) then
+    attend only within an example.
+    """
+    rows: list[dict] = []
+    cur: dict = {"input_ids": [], "loss_mask": [], "position_ids": []}
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if cur["input_ids"] and len(cur["input_ids"]) + n > max_length:
+            rows.append(cur)
+            cur = {"input_ids": [], "loss_mask": [], "position_ids": []}
+        cur["input_ids"] += ex["input_ids"]
+        cur["loss_mask"] += ex["loss_mask"]
+        cur["position_ids"] += list(range(n))
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
+
+
+@dataclass
+class LMCollator:
+    """Pad a list of examples (packed or not) to the longest one, on the right.
+
+    Output tensors are (B, T): ``input_ids``, ``loss_mask``, ``position_ids`` and, for
+    unpacked batches, ``attention_mask``. Packed batches carry ``attention_mask=None`` so the
+    model derives a block-diagonal causal mask from the restarting position ids.
+    """
+
+    pad_token_id: int
+    packed: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor | None]:
+        longest = max(len(ex["input_ids"]) for ex in examples)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = (longest + m - 1) // m * m
+        b = len(examples)
+        ids = torch.full((b, longest), self.pad_token_id, dtype=torch.long)
+        loss_mask = torch.zeros((b, longest), dtype=torch.bool)
+        attn = torch.zeros((b, longest), dtype=torch.long)
+        pos = torch.zeros((b, longest), dtype=torch.long)
+        for i, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            ids[i, :n] = torch.tensor(ex["input_ids"])
+            loss_mask[i, :n] = torch.tensor(ex["loss_mask"], dtype=torch.bool)
+            attn[i, :n] = 1
+            if "position_ids" in ex:
+                pos[i, :n] = torch.tensor(ex["position_ids"])
+            else:
+                pos[i, :n] = torch.arange(n)
+            # Padding continues as its own "sequence" starting at 0 so that packed-sequence
+            # detection never merges it with the last real example.
+            pos[i, n:] = torch.arange(longest - n)
+        return {
+            "input_ids": ids,
+            "attention_mask": None if self.packed else attn,
+            "loss_mask": loss_mask,
+            "position_ids": pos,
+        }

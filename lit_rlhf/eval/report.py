@@ -1,0 +1,191 @@
+"""The end-of-run report: a markdown file, PNG plots and a console table."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend first: no display here)
+
+NAMES = {"base": "base (pretrained)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+
+
+def _policies(metrics: dict) -> list[str]:
+    return [p for p in NAMES if f"eval/{p}/gold" in metrics]
+
+
+def _fmt(metrics: dict, key: str, spec: str = ".3f") -> str:
+    return format(metrics[key], spec) if key in metrics else "–"
+
+
+def policy_table(metrics: dict) -> list[list[str]]:
+    """Rows: policy, gold [95 % CI], win rate vs SFT, RM score, KL to SFT, LM loss, length."""
+    rows = []
+    for p in _policies(metrics):
+        g = f"eval/{p}/gold"
+        win = (
+            f"{metrics[f'eval/{p}/win_rate_vs_sft']:.1%} [{metrics[f'eval/{p}/win_rate_lo']:.1%}, "
+            f"{metrics[f'eval/{p}/win_rate_hi']:.1%}]"
+            if f"eval/{p}/win_rate_vs_sft" in metrics
+            else "–"
+        )
+        rows.append(
+            [
+                NAMES[p],
+                f"{metrics[g]:.3f} [{metrics[g + '_lo']:.3f}, {metrics[g + '_hi']:.3f}]",
+                win,
+                _fmt(metrics, f"eval/{p}/rm_score"),
+                _fmt(metrics, f"eval/{p}/kl_to_sft", ".2f"),
+                _fmt(metrics, f"eval/{p}/lm_loss"),
+                _fmt(metrics, f"eval/{p}/response_length", ".1f"),
+            ]
+        )
+    return rows
+
+
+HEADER = [
+    "policy",
+    "gold score [95% CI]",
+    "win rate vs SFT (gold)",
+    "RM score",
+    "KL to SFT (nats)",
+    "LM loss held-out text",
+    "resp. length",
+]
+
+
+def plot_training(histories: dict[str, list[dict]], path: str) -> str | None:
+    """Reward (RM and gold) and KL per rollout for each PPO run."""
+    if not histories:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, hist in histories.items():
+        x = range(1, len(hist) + 1)
+        label = NAMES.get(name, name)
+        axes[0].plot(
+            x, [h.get("objective/scores", float("nan")) for h in hist], label=f"{label}: RM score"
+        )
+        if any("gold/train_score" in h for h in hist):
+            axes[0].plot(
+                x,
+                [h.get("gold/train_score", float("nan")) for h in hist],
+                "--",
+                label=f"{label}: gold score",
+            )
+        axes[1].plot(x, [h.get("objective/kl", float("nan")) for h in hist], label=label)
+    axes[0].set(title="reward of rollouts", xlabel="rollout", ylabel="score")
+    axes[1].set(title="KL(policy || SFT) per response", xlabel="rollout", ylabel="nats")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_gold_vs_kl(
+    points: list[tuple[str, float, float, float, float]],
+    path: str,
+    title: str = "gold score vs KL to SFT",
+) -> str:
+    """Scatter of (label, kl, gold, gold_lo, gold_hi) points with CI error bars."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label, kl, g, lo, hi in points:
+        ax.errorbar([kl], [g], yerr=[[g - lo], [hi - g]], fmt="o", capsize=3, label=label)
+    ax.set(
+        title=title,
+        xlabel="KL(policy || SFT), nats per response",
+        ylabel="gold score (held-out prompts)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: str, metrics: dict, histories: dict, paths: dict, rm_path: str) -> str:
+    """Write ``report.md`` and its plots into ``out_dir``; returns the report path."""
+    os.makedirs(out_dir, exist_ok=True)
+    plot_training(histories, os.path.join(out_dir, "training_curves.png"))
+    points = [
+        (
+            NAMES[p],
+            metrics[f"eval/{p}/kl_to_sft"],
+            metrics[f"eval/{p}/gold"],
+            metrics[f"eval/{p}/gold_lo"],
+            metrics[f"eval/{p}/gold_hi"],
+        )
+        for p in _policies(metrics)
+    ]
+    plot_gold_vs_kl(points, os.path.join(out_dir, "gold_vs_kl.png"))
+    lines = [
+        "# lit_rlhf report",
+        "",
+        "Policies sampled once per held-out prompt and judged by the gold function "
+        "(which the reward model never saw).",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in policy_table(metrics)]
+    lines += [
+        "",
+        "## Reward model",
+        "",
+        "- held-out pairwise accuracy vs the labeler's ranks: "
+        f"{_fmt(metrics, 'eval/rm/acc_labels')}",
+        f"- held-out pairwise accuracy vs the gold ordering: {_fmt(metrics, 'eval/rm/acc_gold')}",
+        f"- export: `{rm_path}`",
+    ]
+    if "eval/ptx/regression_recovered" in metrics or "eval/ptx/gain_kept" in metrics:
+        lines += [
+            "",
+            "## Alignment tax (PPO-ptx)",
+            "",
+            f"- share of PPO's held-out LM-loss regression recovered by ptx: "
+            f"{_fmt(metrics, 'eval/ptx/regression_recovered', '.1%')}",
+            "- share of PPO's gold gain over SFT kept by PPO-ptx: "
+            f"{_fmt(metrics, 'eval/ptx/gain_kept', '.1%')}",
+        ]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        "![gold vs KL](gold_vs_kl.png)",
+        "",
+        "## Exports",
+        "",
+    ]
+    lines += [f"- {NAMES.get(k, k)}: `{v}`" for k, v in paths.items()]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def print_table(metrics: dict) -> None:
+    """Print the policy table to the console (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lit_rlhf: held-out evaluation")
+    for h in HEADER:
+        table.add_column(h)
+    for row in policy_table(metrics):
+        table.add_row(*row)
+    Console().print(table)
+    for key in (
+        "eval/rm/acc_labels",
+        "eval/rm/acc_gold",
+        "eval/ptx/regression_recovered",
+        "eval/ptx/gain_kept",
+    ):
+        if key in metrics:
+            Console().print(f"{key}: {metrics[key]:.3f}")

@@ -1,0 +1,124 @@
+"""Scalar heads on a transformer backbone: the reward score and per-token values.
+
+Both read a ``*ForSequenceClassification`` model (one label) through its backbone and its
+``score`` head, with position ids from the attention mask, so left/right padding and
+batch composition do not change a sequence's score. The reward is read at the last *real*
+token, found from the attention mask (never by searching for the pad id).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from lit_rlhf.ops.masking import last_true_index, position_ids_from_mask
+
+#: Config attribute holding a reward bias that could not be folded into the weights.
+BIAS_ATTR = "lit_rlhf_reward_bias"
+#: Config attribute recording a bias that was folded into the weights (for information).
+FOLDED_BIAS_ATTR = "lit_rlhf_reward_bias_folded"
+
+_FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "ln_final")
+
+
+def score_head(model: PreTrainedModel) -> nn.Linear:
+    """Return the scalar head (``score`` or ``classifier``) of a sequence classifier."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise ValueError(
+        f"{type(model).__name__} has no linear 'score'/'classifier' head; reward and value "
+        "models must be *ForSequenceClassification models with num_labels=1"
+    )
+
+
+def backbone_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Final hidden states of the backbone, shape (B, T, H), positions from the mask."""
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def apply_score_head(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The scalar head on hidden states (..., H) -> (...) float32, plus any unfolded bias."""
+    out = score_head(model)(hidden).squeeze(-1).float()
+    return out + float(getattr(model.config, BIAS_ATTR, 0.0) or 0.0)
+
+
+def sequence_scores(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Reward of each sequence read at its last real token.
+
+    Args:
+        model: One-label sequence classifier.
+        input_ids: (B, T) token ids, left or right padded.
+        attention_mask: (B, T) 1 for real tokens.
+
+    Returns:
+        (B,) float32 scores, including any unfolded reward bias stored in the config.
+    """
+    hidden = backbone_hidden(model, input_ids, attention_mask)
+    last = last_true_index(attention_mask.bool()).clamp(min=0)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return apply_score_head(model, pooled)
+
+
+def token_values(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Value estimate at every position, shape (B, T) float32 (the head applied per token)."""
+    hidden = backbone_hidden(model, input_ids, attention_mask)
+    return apply_score_head(model, hidden)
+
+
+def _final_norm_with_bias(model: PreTrainedModel) -> nn.Module | None:
+    base = model.base_model
+    for name in _FINAL_NORM_NAMES:
+        norm = getattr(base, name, None)
+        if norm is not None and isinstance(getattr(norm, "bias", None), nn.Parameter):
+            return norm
+    return None
+
+
+@torch.no_grad()
+def fold_reward_bias(model: PreTrainedModel, bias: float) -> str:
+    """Add a constant ``bias`` to every score the model produces, inside its weights.
+
+    InstructGPT shifts the RM so labeler demonstrations score mean 0. A plain
+    ``AutoModelForSequenceClassification`` must reproduce the shifted score, so the bias is
+    put where the architecture has room for it:
+
+    1. the head's own bias, when it has one;
+    2. else the final norm's bias ``beta``: the head sees ``h = g*x + beta`` and computes
+       ``w.h``, so ``beta += bias * w / |w|^2`` adds exactly ``bias`` (GPT-2's ``ln_f``);
+    3. else (e.g. Llama's bias-free RMSNorm) it is stored as ``config.lit_rlhf_reward_bias``,
+       which this kit's scoring functions add; plain transformers users must add it by hand.
+
+    Returns:
+        Where the bias went: ``"head"``, ``"final_norm"`` or ``"config"``.
+    """
+    head = score_head(model)
+    prior = float(getattr(model.config, FOLDED_BIAS_ATTR, 0.0) or 0.0)
+    if head.bias is not None:
+        head.bias.add_(bias)
+        where = "head"
+    elif (norm := _final_norm_with_bias(model)) is not None:
+        w = head.weight[0].to(torch.float64)
+        delta = bias * w / w.dot(w)
+        norm.bias.add_(delta.to(norm.bias.dtype))
+        where = "final_norm"
+    else:
+        current = float(getattr(model.config, BIAS_ATTR, 0.0) or 0.0)
+        setattr(model.config, BIAS_ATTR, current + bias)
+        return "config"
+    setattr(model.config, FOLDED_BIAS_ATTR, prior + bias)
+    return where

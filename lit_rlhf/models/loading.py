@@ -1,0 +1,222 @@
+"""Load Hugging Face causal LMs, reward/value models and tokenizers by hub name or local path.
+
+Every loader takes an explicit ``dtype`` (transformers 5 otherwise keeps the checkpoint's dtype),
+can switch dropout off (RL needs deterministic forwards), and turns the many ways
+``from_pretrained`` can fail into one :class:`ModelLoadError` that names the path and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger("lit_rlhf")
+
+PAD_TOKEN = "<|pad|>"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded from the given name or path."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Turn ``"float32"``/``"bf16"``/... or a ``torch.dtype`` into a ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError as err:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}") from err
+
+
+def _describe(name_or_path: str, what: str) -> str:
+    if os.path.isdir(name_or_path):
+        return f"{what} folder '{name_or_path}' exists but could not be loaded"
+    if os.path.sep in name_or_path or name_or_path.startswith("."):
+        return f"{what} path '{name_or_path}' does not exist"
+    return (
+        f"'{name_or_path}' is not a local folder and could not be fetched from the "
+        f"Hugging Face Hub (offline, or no such repository)"
+    )
+
+
+def set_config_dropout(config: PretrainedConfig, p: float) -> list[str]:
+    """Set every dropout probability in a transformers config to ``p``.
+
+    Covers GPT-2 style ``*_pdrop`` and Llama/BERT style ``*dropout*`` float fields.
+
+    Returns:
+        The names of the fields that were changed.
+    """
+    changed = []
+    for key, value in list(vars(config).items()):
+        is_prob = isinstance(value, float) and not isinstance(value, bool)
+        if is_prob and (key.endswith("pdrop") or "dropout" in key):
+            setattr(config, key, float(p))
+            changed.append(key)
+    return changed
+
+
+def set_module_dropout(model: torch.nn.Module, p: float) -> None:
+    """Set ``p`` on every ``nn.Dropout`` inside ``model`` (after construction)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = float(p)
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has a pad token distinct from EOS.
+
+    Args:
+        name_or_path: Hub name or local folder.
+        padding_side: ``"right"`` for training, ``"left"`` for generation.
+
+    Returns:
+        The tokenizer; when it lacked a pad token (or pad == EOS) ``<|pad|>`` is added, so
+        the caller must resize the model's embeddings (:func:`load_causal_lm` does).
+    """
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"{_describe(name_or_path, 'tokenizer')}: {err}. Point the stage at a folder "
+            f"written by save_pretrained (or a Hub name reachable from this machine)."
+        ) from err
+    ensure_pad_token(tok)
+    tok.padding_side = padding_side
+    return tok
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Add ``<|pad|>`` when the tokenizer has no pad token or pads with EOS.
+
+    A pad equal to EOS makes sequence-classification pooling score the token *before* EOS
+    and hides EOS from loss masks built by pad-id search (see pitfalls.md).
+
+    Returns:
+        True when a token was added (embeddings must then be resized).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(
+            "the tokenizer has no EOS token; the recipe needs one to end responses. "
+            "Set tokenizer.eos_token before using it."
+        )
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    log.info("added pad token %s (id %d) distinct from EOS", PAD_TOKEN, tokenizer.pad_token_id)
+    return True
+
+
+def _load_config(name_or_path: str, dropout: float | None, **overrides: Any) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **overrides)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"{_describe(name_or_path, 'model')}: {err}. Check the model path override "
+            f"(e.g. model.name_or_path=...) points at a folder with config.json."
+        ) from err
+    if dropout is not None:
+        set_config_dropout(config, dropout)
+    return config
+
+
+def _sync_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    if tokenizer is None:
+        return
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    dropout: float | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
+    """Load an ``AutoModelForCausalLM`` with an explicit dtype and dropout.
+
+    Args:
+        name_or_path: Hub name or local folder.
+        dtype: Parameter dtype (``"float32"`` for trainable models).
+        dropout: When given, every dropout probability of the config is set to it
+            (0.0 for RL; InstructGPT's SFT used 0.2).
+        tokenizer: When given, embeddings are resized to it and pad/EOS ids copied to
+            the model and generation configs.
+    """
+    config = _load_config(name_or_path, dropout)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, config=config, dtype=resolve_dtype(dtype)
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{_describe(name_or_path, 'model')} as a causal LM: {err}") from err
+    if dropout is not None:
+        set_module_dropout(model, dropout)
+    _sync_special_tokens(model, tokenizer)
+    return model
+
+
+def load_sequence_classifier(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    dropout: float | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    from_causal_lm: bool = False,
+) -> PreTrainedModel:
+    """Load a scalar-head ``AutoModelForSequenceClassification`` (reward or value model).
+
+    Args:
+        name_or_path: Hub name or local folder.
+        dtype: Parameter dtype.
+        dropout: Optional dropout override (0.0 for RL).
+        tokenizer: Optional tokenizer to resize embeddings to and take pad/EOS ids from.
+        from_causal_lm: True when initialising a new reward model from a causal-LM
+            checkpoint (the unembedding is dropped and a fresh scalar head created).
+            False requires the folder to already be a one-label sequence classifier.
+    """
+    config = _load_config(name_or_path, dropout, num_labels=1)
+    archs = getattr(config, "architectures", None) or []
+    if not from_causal_lm and not any("SequenceClassification" in a for a in archs):
+        raise ModelLoadError(
+            f"'{name_or_path}' is not a sequence-classification (reward) model "
+            f"(architectures={archs}); pass the folder exported by the rm stage."
+        )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, dtype=resolve_dtype(dtype)
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"{_describe(name_or_path, 'model')} as a sequence classifier: {err}"
+        ) from err
+    if dropout is not None:
+        set_module_dropout(model, dropout)
+    _sync_special_tokens(model, tokenizer)
+    return model

@@ -1,0 +1,64 @@
+"""Pieces shared by the kit's LightningModules: optimizer/scheduler building, model factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lit_rlhf.ops.schedules import lr_multiplier
+
+#: Builds an optimizer from parameters or parameter groups, e.g. ``partial(AdamW, lr=1e-4)``.
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+#: A model, or a zero-argument callable that builds it (lets ``configure_model`` build late).
+ModelOrFactory = nn.Module | Callable[[], nn.Module]
+
+
+def materialize(model: ModelOrFactory) -> nn.Module:
+    """Return ``model`` itself, or call it when it is a factory."""
+    return model if isinstance(model, nn.Module) else model()
+
+
+def build_optimizer(
+    params: Iterable[Any],
+    factory: OptimizerFactory | None,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """Use ``factory(params)`` when given, else AdamW with the given settings."""
+    if factory is not None:
+        return factory(params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    schedule: str,
+    warmup_steps: int,
+    min_ratio: float,
+    warmup_start_ratio: float = 0.0,
+) -> LambdaLR:
+    """A ``LambdaLR`` applying :func:`~lit_rlhf.ops.schedules.lr_multiplier` per step."""
+    fn = partial(
+        lr_multiplier,
+        total_steps=max(1, int(total_steps)),
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        min_ratio=min_ratio,
+        warmup_start_ratio=warmup_start_ratio,
+    )
+    return LambdaLR(optimizer, fn)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put a model in eval mode with gradients off (reference / reward models)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,413 @@
+"""PPO (and PPO-ptx) fine-tuning of a policy against a reward model: InstructGPT step 3.
+
+One ``training_step`` = one rollout + ``ppo_epochs`` passes of minibatch updates, with manual
+optimization. The four models: the trained policy and value model (ONE optimizer, two
+parameter groups), the frozen reference (SFT) and reward models (registered so they move and
+shard with the module, but left out of checkpoints: they are rebuilt from their exports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import lightning as L
+import torch
+
+from lit_rlhf.modules.base import (
+    ModelOrFactory,
+    OptimizerFactory,
+    build_scheduler,
+    freeze,
+    materialize,
+)
+from lit_rlhf.modules.ema import WeightEMA
+from lit_rlhf.ops.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from lit_rlhf.ops.lm_loss import lm_loss
+from lit_rlhf.ops.masking import masked_mean, masked_whiten
+from lit_rlhf.ops.ppo import (
+    RunningMoments,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae_advantages,
+    per_token_rewards,
+)
+from lit_rlhf.ops.scores import apply_missing_eos_rule, scale_and_clip
+from lit_rlhf.rollout import Rollout, generate, response_logprobs, response_values, score
+
+_FROZEN = ("ref_model.", "reward_model.")
+
+
+class PPOModule(L.LightningModule):
+    """PPO with a per-token KL penalty to the reference policy, optionally with ptx.
+
+    Use with :class:`~lit_rlhf.data.ppo_datamodule.PPODataModule` (the module fetches the
+    batch of rollout ``k`` from it by its own checkpointed counter).
+
+    Args:
+        policy: Causal LM to train (or a factory).
+        value_model: One-label sequence classifier used per token (init: the RM export).
+        ref_model: Frozen reference causal LM (the SFT export).
+        reward_model: Frozen one-label sequence classifier.
+        eos_token_id: Ends responses.
+        pad_token_id: Pads prompts/responses (must differ from EOS for RM pooling).
+        optimizer: Factory ``param_groups -> Optimizer``; AdamW by default.
+        n_rollouts: Run length in rollouts (the module stops the trainer after it).
+        ppo_epochs: Passes over each rollout (InstructGPT 1, N+ 4).
+        num_minibatches: Optimizer steps per pass.
+        micro_batch_size: Episodes per backward (hand-made gradient accumulation); None = minibatch.
+        temperature: Sampling temperature T; every log-prob uses logits / T.
+        max_new_tokens: Response length limit.
+        kl_coef: Initial beta of ``-beta * KL_t`` (InstructGPT 0.02).
+        kl_estimator: ``k1`` (InstructGPT), ``k2`` or ``k3`` (non-negative, low variance).
+        kl_target: When set, Ziegler's adaptive controller steers the KL toward it.
+        kl_horizon: Horizon of the adaptive controller, in episodes.
+        missing_eos_score: Fixed score for responses without EOS (e.g. -1).
+        missing_eos_penalty: Or a penalty subtracted from their score.
+        reward_scaling: Divide scores by their running std.
+        score_clip: Clip (scaled) scores to ``[-score_clip, score_clip]``.
+        gamma: GAE discount (1: no discount).
+        lam: GAE lambda.
+        whiten_advantages: Normalise advantages per rollout.
+        clip_range: PPO ratio clip.
+        value_clip_range: Value clip.
+        vf_coef: Weight of the value loss (N+: 0.1).
+        policy_lr: Learning rate of the policy parameter group.
+        value_lr: Learning rate of the value parameter group.
+        weight_decay: AdamW weight decay.
+        adam_eps: AdamW epsilon (N+: 1e-5).
+        schedule: LR schedule after warmup (InstructGPT: constant).
+        warmup_steps: Warmup optimizer steps.
+        warmup_start_ratio: Warmup starts at this fraction of the LR (InstructGPT: 1/10).
+        max_grad_norm: Gradient-norm clip (None: off).
+        ptx_coef: gamma of PPO-ptx, multiplying the pretraining LM loss with ``ptx_reduction``.
+        ptx_reduction: ``token_mean`` (per-token mean NLL over the ptx micro-batch) or
+            ``sequence_sum``; gamma's meaning depends on it.
+        ema_decay: EMA of the policy weights for evaluation/export (InstructGPT 0.992).
+        synced_gpus: Generate with ``synced_gpus`` (sharded strategies).
+    """
+
+    def __init__(
+        self,
+        policy: ModelOrFactory,
+        value_model: ModelOrFactory,
+        ref_model: ModelOrFactory,
+        reward_model: ModelOrFactory,
+        eos_token_id: int,
+        pad_token_id: int,
+        optimizer: OptimizerFactory | None = None,
+        n_rollouts: int = 100,
+        ppo_epochs: int = 4,
+        num_minibatches: int = 1,
+        micro_batch_size: int | None = None,
+        temperature: float = 1.0,
+        max_new_tokens: int = 32,
+        kl_coef: float = 0.05,
+        kl_estimator: str = "k1",
+        kl_target: float | None = None,
+        kl_horizon: float = 10000.0,
+        missing_eos_score: float | None = None,
+        missing_eos_penalty: float | None = None,
+        reward_scaling: bool = False,
+        score_clip: float | None = None,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        clip_range: float = 0.2,
+        value_clip_range: float = 0.2,
+        vf_coef: float = 0.1,
+        policy_lr: float = 1e-5,
+        value_lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        adam_eps: float = 1e-5,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        warmup_start_ratio: float = 0.1,
+        max_grad_norm: float | None = 1.0,
+        ptx_coef: float = 0.0,
+        ptx_reduction: str = "token_mean",
+        ema_decay: float | None = None,
+        synced_gpus: bool = False,
+    ) -> None:
+        super().__init__()
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef (beta) must be >= 0, got {kl_coef}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if eos_token_id == pad_token_id:
+            raise ValueError("pad_token_id must differ from eos_token_id (see load_tokenizer)")
+        self.save_hyperparameters(
+            ignore=["policy", "value_model", "ref_model", "reward_model", "optimizer"]
+        )
+        self.automatic_optimization = False
+        self.strict_loading = False  # frozen models are not in checkpoints
+        self.policy = materialize(policy)
+        self.value_model = materialize(value_model)
+        self.ref_model = freeze(materialize(ref_model))
+        self.reward_model = freeze(materialize(reward_model))
+        self.optimizer_factory = optimizer
+        self.kl_ctl = (
+            AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+            if kl_target
+            else FixedKLController(kl_coef)
+        )
+        self.score_moments = RunningMoments()
+        self.ema = WeightEMA(self.policy, ema_decay) if ema_decay else None
+        self.rollouts_done = 0
+        self.last_rollout: Rollout | None = None
+        #: One dict of (this rank's) metrics per rollout, for plots and reports.
+        self.history: list[dict[str, float]] = []
+
+    # ---------------------------------------------------------------- the PPO step
+    def training_step(self, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        data = self.trainer.datamodule.rollout_batch(self.rollouts_done)
+        query_ids, query_mask = (
+            data["query_ids"].to(self.device),
+            data["query_mask"].to(self.device),
+        )
+
+        # 1. Rollout: sample one response per prompt, cut after the first EOS.
+        ro = generate(
+            self.policy,
+            query_ids,
+            query_mask,
+            hp.max_new_tokens,
+            hp.temperature,
+            hp.eos_token_id,
+            hp.pad_token_id,
+            hp.synced_gpus,
+        )
+        mask = ro.response_mask
+
+        # 2. Score: old log-probs, reference log-probs, values, RM score at the last token.
+        with torch.no_grad():
+            ro.logprobs, _ = response_logprobs(self.policy, ro, hp.temperature)
+            ro.ref_logprobs, _ = response_logprobs(self.ref_model, ro, hp.temperature)
+            ro.values = response_values(self.value_model, ro).masked_fill(~mask, 0.0)
+            ro.raw_scores = score(self.reward_model, ro)
+            ro.scores = apply_missing_eos_rule(
+                ro.raw_scores, ro.has_eos, hp.missing_eos_score, hp.missing_eos_penalty
+            )
+
+            # 3. Per-token reward: -beta * KL_t on every token, the score on the last one.
+            kl = kl_estimate(ro.logprobs, ro.ref_logprobs, hp.kl_estimator).masked_fill(~mask, 0.0)
+            if hp.reward_scaling:
+                self.score_moments.update(self.all_gather(ro.scores).reshape(-1))
+            scaled = scale_and_clip(
+                ro.scores, self.score_moments.std if hp.reward_scaling else None, hp.score_clip
+            )
+            kl_coef = self.kl_ctl.value
+            rewards, non_score = per_token_rewards(scaled, kl, mask, kl_coef)
+
+            # 4. Advantages: GAE over response tokens, whitened per rollout.
+            advantages, returns = gae_advantages(rewards, ro.values, mask, hp.gamma, hp.lam)
+            if hp.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+
+        # 5. Optimize: ppo_epochs x minibatches of clipped policy + value (+ ptx) loss.
+        stats = self._optimize(ro, advantages, returns, data.get("ptx"))
+
+        # Bookkeeping: KL controller, EMA, run length.
+        kl_per_seq = kl.sum(-1)
+        mean_kl = self.all_gather(kl_per_seq.mean()).mean().item()
+        self.kl_ctl.update(mean_kl, n_steps=query_ids.shape[0] * self.trainer.world_size)
+        if self.ema is not None:
+            self.ema.update(self.policy)
+        self.rollouts_done += 1
+        self.last_rollout = ro
+        if self.rollouts_done >= hp.n_rollouts:
+            self.trainer.should_stop = True
+
+        # 6. Log (reduced across ranks).
+        lengths = mask.sum(-1).float()
+        stats.update(
+            {
+                "objective/kl": kl_per_seq.mean(),
+                "objective/scores": ro.scores.mean(),
+                "objective/raw_scores": ro.raw_scores.mean(),
+                "objective/non_score_reward": non_score.sum(-1).mean(),
+                "objective/rlhf_reward": (ro.scores - kl_coef * kl_per_seq).mean(),
+                "objective/kl_coef": torch.tensor(kl_coef),
+                "value/explained_variance": explained_variance(ro.values, returns, mask),
+                "rollout/response_length": lengths.mean(),
+                "rollout/eos_rate": ro.has_eos.float().mean(),
+                "rollout/rollouts": torch.tensor(float(self.rollouts_done)),
+            }
+        )
+        stats = {
+            k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in stats.items()
+        }
+        self.log_dict(
+            stats,
+            on_step=True,
+            on_epoch=False,
+            sync_dist=self.trainer.world_size > 1,
+            batch_size=query_ids.shape[0],
+        )
+        self.history.append({k: float(v) for k, v in stats.items()})
+
+    def _optimize(
+        self, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor, ptx: dict | None
+    ) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        b = ro.query_ids.shape[0]
+        mb = b // hp.num_minibatches
+        micro = min(hp.micro_batch_size or mb, mb)
+        n_micro = mb // micro
+        if ptx is not None and hp.ptx_coef > 0:
+            ptx = {k: (v.to(self.device) if v is not None else None) for k, v in ptx.items()}
+            ptx_chunks = torch.arange(ptx["input_ids"].shape[0], device=self.device).tensor_split(
+                hp.num_minibatches * n_micro
+            )
+        else:
+            ptx = None
+        sums: dict[str, float] = defaultdict(float)
+        n = 0
+        for epoch in range(hp.ppo_epochs):
+            order = torch.randperm(b, device=self.device)
+            for m in range(hp.num_minibatches):
+                for u in range(n_micro):
+                    idx = order[m * mb + u * micro : m * mb + (u + 1) * micro]
+                    sub = ro.select(idx)
+                    last = u == n_micro - 1
+                    with self._no_sync(not last):
+                        logp, entropy = response_logprobs(
+                            self.policy, sub, hp.temperature, with_entropy=True
+                        )
+                        values = response_values(self.value_model, sub)
+                        pg_loss, pg = clipped_policy_loss(
+                            logp, sub.logprobs, advantages[idx], sub.response_mask, hp.clip_range
+                        )
+                        vf_loss, vf = clipped_value_loss(
+                            values, sub.values, returns[idx], sub.response_mask, hp.value_clip_range
+                        )
+                        loss = pg_loss + hp.vf_coef * vf_loss
+                        if ptx is not None:
+                            rows = ptx_chunks[m * n_micro + u]
+                            ptx_loss = self._ptx_loss(
+                                {k: None if v is None else v[rows] for k, v in ptx.items()}
+                            )
+                            loss = loss + hp.ptx_coef * ptx_loss
+                            sums["ptx/loss"] += ptx_loss.item()
+                        self.manual_backward(loss / n_micro)
+                    if epoch == 0 and m == 0 and u == 0:
+                        sums["policy/ratio_first"] = pg["ratio_mean"].item()
+                    for key, value in (
+                        ("policy/approx_kl", pg["approx_kl"]),
+                        ("policy/clipfrac", pg["clipfrac"]),
+                        ("policy/ratio_mean", pg["ratio_mean"]),
+                        ("policy/ratio_var", pg["ratio_var"]),
+                        ("policy/entropy", masked_mean(entropy.detach(), sub.response_mask)),
+                        ("policy/loss", pg_loss.detach()),
+                        ("value/loss", vf_loss.detach()),
+                        ("value/clipfrac", vf["clipfrac"]),
+                    ):
+                        sums[key] += float(value)
+                    n += 1
+                if hp.max_grad_norm:
+                    self.clip_gradients(
+                        opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm"
+                    )
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+        out = {k: torch.tensor(v / n) for k, v in sums.items() if k != "policy/ratio_first"}
+        out["policy/ratio_first"] = torch.tensor(sums["policy/ratio_first"])
+        out["train/lr_policy"] = torch.tensor(opt.param_groups[0]["lr"])
+        return out
+
+    def _ptx_loss(self, batch: dict) -> torch.Tensor:
+        """LM loss of the policy on a pretraining micro-batch (``ptx_reduction``)."""
+        logits = self.policy(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).logits
+        return lm_loss(logits, batch["input_ids"], batch["loss_mask"], self.hparams.ptx_reduction)
+
+    def _no_sync(self, skip: bool):
+        """Skip the gradient all-reduce on non-boundary micro-steps (DDP / FSDP2)."""
+        if not skip or self.trainer.world_size == 1:
+            return contextlib.nullcontext()
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        if block is not None and hasattr(self.trainer.strategy.model, "no_sync"):
+            return block()
+        return _fsdp2_no_sync([self.policy, self.value_model])
+
+    # ---------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [
+            {
+                "params": [p for p in self.policy.parameters() if p.requires_grad],
+                "lr": hp.policy_lr,
+                "name": "policy",
+            },
+            {
+                "params": [p for p in self.value_model.parameters() if p.requires_grad],
+                "lr": hp.value_lr,
+                "name": "value",
+            },
+        ]
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(groups)
+        else:
+            opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, eps=hp.adam_eps)
+        total = hp.n_rollouts * hp.ppo_epochs * hp.num_minibatches
+        sched = build_scheduler(
+            opt, total, hp.schedule, hp.warmup_steps, 1.0, hp.warmup_start_ratio
+        )
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    # ---------------------------------------------------------------- checkpoints / export
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k.startswith(_FROZEN)]:
+            del sd[key]
+        checkpoint["ppo_state"] = {
+            "rollouts_done": self.rollouts_done,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ppo_state") or {}
+        self.rollouts_done = int(state.get("rollouts_done", 0))
+        if "kl_ctl" in state:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if "score_moments" in state:
+            self.score_moments.load_state_dict(state["score_moments"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if state.get("torch_rng") is not None:
+            self._rng_to_restore = state["torch_rng"]
+
+    def on_train_start(self) -> None:
+        # Restored here, after Lightning's own seeding/setup, so sampling continues exactly.
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng is not None:
+            torch.set_rng_state(rng)
+            self._rng_to_restore = None
+
+    def export_model(self) -> torch.nn.Module:
+        """The policy to export: its EMA copy when EMA is on."""
+        return self.ema.copy_model(self.policy) if self.ema is not None else self.policy
+
+
+@contextlib.contextmanager
+def _fsdp2_no_sync(models):
+    """FSDP2 (``fully_shard``) models: turn gradient reduce-scatter off for a micro-step."""
+    sharded = [m for m in models if hasattr(m, "set_requires_gradient_sync")]
+    for m in sharded:
+        m.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_requires_gradient_sync(True)

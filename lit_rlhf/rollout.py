@@ -1,0 +1,148 @@
+"""Generation and scoring of a batch of prompts: phases 1 and 2 of a PPO step.
+
+Layout: prompts are LEFT-padded to Q tokens, responses RIGHT-padded to R tokens, and the
+scored sequence is ``[query | response]`` of length Q + R. Every forward gets position ids
+from the attention mask, and every log-prob is computed from ``logits / temperature`` with the
+temperature used for sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from lit_rlhf.models.heads import apply_score_head, backbone_hidden, sequence_scores
+from lit_rlhf.ops.logprobs import entropy_from_logits, selective_log_softmax
+from lit_rlhf.ops.masking import position_ids_from_mask, truncate_after_eos
+
+
+@dataclass
+class Rollout:
+    """A batch of bandit episodes (one prompt -> one response -> one score).
+
+    Attributes:
+        query_ids: (B, Q) left-padded prompt ids.
+        query_mask: (B, Q) 1 on real prompt tokens.
+        response_ids: (B, R) response ids, pad after the first EOS.
+        response_mask: (B, R) bool, True up to and including the first EOS.
+        has_eos: (B,) bool.
+        logprobs: (B, R) policy log-probs of the response tokens at sampling time.
+        ref_logprobs: (B, R) reference (SFT) log-probs of the same tokens.
+        values: (B, R) value estimates of the states before each response token.
+        scores: (B,) RM scores after the missing-EOS rule (what PPO optimises).
+        raw_scores: (B,) RM scores as read.
+    """
+
+    query_ids: Tensor
+    query_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    has_eos: Tensor
+    logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    values: Tensor | None = None
+    scores: Tensor | None = None
+    raw_scores: Tensor | None = None
+
+    @property
+    def input_ids(self) -> Tensor:
+        """(B, Q + R) query and response ids."""
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(B, Q + R) mask of real tokens (response tokens after EOS are masked)."""
+        return torch.cat([self.query_mask.long(), self.response_mask.long()], dim=1)
+
+    def select(self, index: Tensor) -> Rollout:
+        """The sub-batch at ``index`` (minibatch slicing)."""
+        return Rollout(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                for f in fields(self)
+            }
+        )
+
+
+@torch.no_grad()
+def generate(
+    policy: PreTrainedModel,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    synced_gpus: bool = False,
+) -> Rollout:
+    """Phase 1: sample one response per prompt (pure sampling: top_k=0, top_p=1).
+
+    Args:
+        policy: Causal LM.
+        query_ids: (B, Q) left-padded prompts.
+        query_mask: (B, Q).
+        max_new_tokens: Response length limit R.
+        temperature: Sampling temperature T.
+        eos_token_id: Ends a response; everything after the first one is masked.
+        pad_token_id: Fills the tail.
+        synced_gpus: Keep ranks stepping together under sharded strategies (FSDP/ZeRO-3) so
+            ranks whose responses end early do not deadlock the others.
+    """
+    out = policy.generate(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+        synced_gpus=synced_gpus,
+    )
+    response = out[:, query_ids.shape[1] :]
+    response, mask, has_eos = truncate_after_eos(response, eos_token_id, pad_token_id)
+    return Rollout(query_ids, query_mask, response, mask, has_eos)
+
+
+def response_logprobs(
+    model: PreTrainedModel,
+    rollout: Rollout,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (B, R) of the response tokens under ``model`` (logits / T), and entropy.
+
+    Only the R + 1 last positions go through the LM head (``logits_to_keep``): the logits at
+    position Q - 1 + t predict response token t.
+    """
+    r = rollout.response_ids.shape[1]
+    mask = rollout.attention_mask
+    logits = model(
+        input_ids=rollout.input_ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        use_cache=False,
+        logits_to_keep=r + 1,
+    ).logits[:, :-1]
+    logits = logits.float() / temperature
+    logprobs = selective_log_softmax(logits, rollout.response_ids)
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs, entropy
+
+
+def response_values(model: PreTrainedModel, rollout: Rollout) -> Tensor:
+    """Values (B, R): the value head at position Q - 1 + t, the state before response token t."""
+    q = rollout.query_ids.shape[1]
+    hidden = backbone_hidden(model, rollout.input_ids, rollout.attention_mask)
+    return apply_score_head(model, hidden[:, q - 1 : -1])
+
+
+@torch.no_grad()
+def score(model: PreTrainedModel, rollout: Rollout) -> Tensor:
+    """RM scores (B,) read at each sequence's last real token (EOS when present)."""
+    return sequence_scores(model, rollout.input_ids, rollout.attention_mask)

@@ -1,0 +1,152 @@
+"""The one place that turns a Hydra config into objects and runs a stage.
+
+``train.py`` calls :func:`main`. Everything below this module receives plain Python: the
+resolved config as nested dicts, finished Trainer objects, and paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lit_rlhf.stages.context import StageContext
+
+log = logging.getLogger("lit_rlhf")
+
+#: Stage-level keys that are Trainer arguments.
+TRAINER_KEYS = (
+    "max_epochs",
+    "max_steps",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+    "log_every_n_steps",
+    "limit_train_batches",
+    "limit_val_batches",
+    "gradient_clip_val",
+    "accumulate_grad_batches",
+    "num_sanity_val_steps",
+    "enable_checkpointing",
+)
+
+
+def _default_root() -> str:
+    return os.environ.get("LIT_RLHF_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache", "lit_rlhf"
+    )
+
+
+def register_resolvers() -> None:
+    """Register the ``${lit_rlhf_root:}`` resolver (idempotent)."""
+    if not OmegaConf.has_resolver("lit_rlhf_root"):
+        OmegaConf.register_new_resolver("lit_rlhf_root", _default_root)
+
+
+register_resolvers()
+
+
+def runners() -> dict[str, Callable[[StageContext, str], str]]:
+    """Stage name -> runner function."""
+    from lit_rlhf.stages.lm import run_pretrain, run_sft
+
+    table = {"pretrain": run_pretrain, "sft": run_sft}
+    try:
+        from lit_rlhf.stages.label import run_label
+        from lit_rlhf.stages.ppo import run_ppo
+        from lit_rlhf.stages.report import run_eval, run_pipeline
+        from lit_rlhf.stages.rm import run_rm
+
+        table.update(
+            label=run_label,
+            rm=run_rm,
+            ppo=run_ppo,
+            ppo_ptx=run_ppo,
+            eval=run_eval,
+            pipeline=run_pipeline,
+        )
+    except ImportError:  # pragma: no cover - stages not yet available in partial installs
+        pass
+    return table
+
+
+def _check_multirun_strategy(cfg: DictConfig) -> None:
+    try:
+        mode = HydraConfig.get().mode
+    except ValueError:  # composed outside @hydra.main (tests)
+        return
+    strategy = cfg.trainer.get("strategy")
+    name = strategy if isinstance(strategy, str) else (strategy or {}).get("_target_", "")
+    if mode == RunMode.MULTIRUN and str(name) in (
+        "ddp",
+        "lightning.pytorch.strategies.DDPStrategy",
+    ):
+        raise SystemExit(
+            "refusing `-m` (multirun) with strategy=ddp: Lightning relaunches every rank as a "
+            "new process that would re-run the whole sweep. Use strategy=ddp_fork (CPU) or "
+            "strategy=ddp_spawn, or launch one job per sweep point with torchrun/SLURM."
+        )
+
+
+def make_trainer_factory(cfg: DictConfig) -> Callable[..., L.Trainer]:
+    """Return ``make_trainer(stage_dir, stage_cfg, callbacks)`` built from the config groups."""
+
+    def make_trainer(stage_dir: str, stage_cfg: dict, callbacks: list | None = None) -> L.Trainer:
+        cbs = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        loggers = [
+            instantiate(lg, save_dir=stage_dir) for lg in (cfg.get("logger") or {}).values() if lg
+        ]
+        overrides = {k: stage_cfg[k] for k in TRAINER_KEYS if stage_cfg.get(k) is not None}
+        if stage_cfg.get("trainer"):
+            overrides.update(stage_cfg["trainer"])
+        return instantiate(
+            cfg.trainer,
+            default_root_dir=stage_dir,
+            callbacks=cbs + list(callbacks or []),
+            logger=loggers or False,
+            **overrides,
+        )
+
+    return make_trainer
+
+
+def run(cfg: DictConfig) -> str:
+    """Run the stage selected by ``cfg.stage.name``; returns its output path."""
+    _check_multirun_strategy(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        run_dir = HydraConfig.get().runtime.output_dir
+    except ValueError:
+        run_dir = cfg.paths.output_dir
+    os.makedirs(run_dir, exist_ok=True)
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    table = runners()
+    name = cfg.stage.name
+    if name == "ppo" and cfg.ppo.ptx.enabled:
+        name = "ppo_ptx"  # the same runner; its own export folder and fingerprint
+    if name not in table:
+        raise SystemExit(f"unknown stage {name!r}; choose one of {sorted(table)}")
+    ctx = StageContext(
+        cfg=plain, run_dir=run_dir, make_trainer=make_trainer_factory(cfg), runners=table
+    )
+    out = table[name](ctx, name)
+    log.info("stage %s finished: %s", name, out)
+    return out
+
+
+def main(cfg: DictConfig) -> None:
+    """Entry point used by ``train.py``."""
+    from lit_rlhf.data.records import DataFormatError
+    from lit_rlhf.models.loading import ModelLoadError
+    from lit_rlhf.stages.context import ConfigError, MissingInputError
+
+    try:
+        run(cfg)
+    except (DataFormatError, ModelLoadError, MissingInputError, ConfigError) as err:
+        log.error("%s", err)
+        raise SystemExit(f"error: {err}") from None

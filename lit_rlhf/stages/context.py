@@ -1,0 +1,182 @@
+"""What every stage runner receives, and how stages find (or build) their upstream exports.
+
+The stage graph of the recipe::
+
+    pretrain -> sft -> label (comparisons) -> rm -> ppo / ppo_ptx -> eval
+
+Every stage writes an export folder under ``paths.exports_dir`` named
+``<stage>-<fingerprint>``; the fingerprint hashes the stage's settings and its upstream
+fingerprints, so the same config finds the same folder and reuses it. A user-given input
+path (e.g. ``ppo.reward_path=/my/rm``) bypasses the graph; when it does not exist the error
+names the stage that makes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+from lit_rlhf.data.embedded import EmbeddedWorldConfig, EmbeddedWorldFiles, build_embedded_world
+
+log = logging.getLogger("lit_rlhf")
+
+#: stage -> config keys (top-level sections) whose values change its output.
+STAGE_SETTINGS = {
+    "pretrain": ("model", "pretrain"),
+    "sft": ("model", "sft"),
+    "label": ("label",),
+    "rm": ("rm",),
+    "ppo": ("ppo",),
+    "ppo_ptx": ("ppo",),
+}
+#: stage -> upstream stages it reads.
+UPSTREAM = {
+    "pretrain": (),
+    "sft": ("pretrain",),
+    "label": ("sft",),
+    "rm": ("sft", "label"),
+    "ppo": ("sft", "rm"),
+    "ppo_ptx": ("sft", "rm"),
+}
+#: Keys that never change a stage's result (where things go, how often to log).
+_NEUTRAL = {"export_dir", "log_every_n_steps", "progress", "enable_checkpointing"}
+
+
+class MissingInputError(FileNotFoundError):
+    """A user-given stage input does not exist."""
+
+
+class ConfigError(ValueError):
+    """An impossible setting, caught before any training starts."""
+
+
+@dataclass
+class StageContext:
+    """Plain-Python view of a run, handed to every stage runner.
+
+    Attributes:
+        cfg: The fully resolved config as nested dicts (no OmegaConf objects).
+        run_dir: The Hydra run directory of this invocation.
+        make_trainer: ``make_trainer(stage_dir, stage_cfg, callbacks) -> Trainer`` built from
+            the trainer/strategy/precision/logger/callbacks config groups.
+        runners: Stage name -> runner, so a stage can build a missing upstream stage.
+    """
+
+    cfg: dict
+    run_dir: str
+    make_trainer: Callable[..., L.Trainer]
+    runners: dict[str, Callable[[StageContext, str], str]] = field(default_factory=dict)
+    _world: EmbeddedWorldFiles | None = None
+    _fingerprints: dict[str, str] = field(default_factory=dict)
+
+    # -- data ---------------------------------------------------------------------------
+    def world(self) -> EmbeddedWorldFiles:
+        """The embedded review world's files (generated on first use, then reused)."""
+        if self._world is None:
+            emb = dict(self.cfg["data"].get("embedded") or {})
+            self._world = build_embedded_world(
+                EmbeddedWorldConfig(**emb), self.cfg["paths"]["data_dir"]
+            )
+        return self._world
+
+    def data_source(self, key: str) -> str:
+        """User-given data source ``data.<key>``, or the embedded world's file for it."""
+        given = self.cfg["data"].get(key)
+        if given:
+            return str(given)
+        world_attr = {
+            "demonstrations": "demos_train",
+            "demonstrations_val": "demos_val",
+            "pretrain": "pretrain_train",
+            "pretrain_val": "pretrain_val",
+            "prompts": "prompts_ppo",
+            "comparison_prompts": "prompts_comparison",
+            "eval_prompts": "prompts_eval",
+        }
+        if key not in world_attr:
+            raise KeyError(f"no embedded default for data.{key}; set data.{key}=<path>")
+        return str(getattr(self.world(), world_attr[key]))
+
+    def uses_embedded_world_data(self, key: str) -> bool:
+        """True when ``data.<key>`` is not given, i.e. the embedded world provides it."""
+        return not self.cfg["data"].get(key)
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """Field-name mapping for user data (``data.fields``)."""
+        return dict(self.cfg["data"].get("fields") or {})
+
+    def uses_embedded_tokenizer(self) -> bool:
+        """True when the recipe starts from the tiny model trained on the embedded corpus."""
+        return not self.cfg["model"].get("name_or_path")
+
+    # -- stage graph --------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> str:
+        """Where a stage writes logs/metrics in this run: the run dir itself for a single
+        stage, ``<run_dir>/<stage>`` inside the pipeline.
+        """
+        if self.cfg["stage"]["name"] == stage:
+            return self.run_dir
+        path = os.path.join(self.run_dir, stage)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def fingerprint(self, stage: str) -> str:
+        """Hash of everything that determines ``stage``'s output, upstream included."""
+        if stage not in self._fingerprints:
+            parts: dict[str, Any] = {"stage": stage, "seed": self.cfg.get("seed")}
+            for key in STAGE_SETTINGS[stage]:
+                section = self.cfg.get(key) or {}
+                parts[key] = {k: v for k, v in section.items() if k not in _NEUTRAL}
+            parts["data"] = {k: v for k, v in self.cfg["data"].items()}
+            if stage in ("ppo", "ppo_ptx"):
+                # ptx.enabled only selects which of the two PPO stages runs.
+                ptx = dict(parts["ppo"].get("ptx") or {})
+                ptx["enabled"] = stage == "ppo_ptx"
+                parts["ppo"]["ptx"] = ptx
+            parts["upstream"] = [self.fingerprint(u) for u in UPSTREAM[stage] if self._in_graph(u)]
+            blob = json.dumps(parts, sort_keys=True, default=str).encode()
+            self._fingerprints[stage] = hashlib.sha256(blob).hexdigest()[:10]
+        return self._fingerprints[stage]
+
+    def _in_graph(self, stage: str) -> bool:
+        return not (stage == "pretrain" and not self.uses_embedded_tokenizer())
+
+    def export_dir(self, stage: str) -> str:
+        """The export folder of ``stage``: ``<stage>.export_dir`` or the fingerprinted default."""
+        section = "ppo" if stage == "ppo_ptx" else stage
+        given = (self.cfg.get(section) or {}).get("export_dir") if stage != "ppo_ptx" else None
+        if given:
+            return str(given)
+        return os.path.join(self.cfg["paths"]["exports_dir"], f"{stage}-{self.fingerprint(stage)}")
+
+    def require(self, stage: str, given: str | None = None, what: str = "") -> str:
+        """Path of an upstream export, building the embedded default's when it is missing.
+
+        Args:
+            stage: The stage that makes the input.
+            given: A user-given path for it (from an override); must exist.
+            what: The override name, for the error message.
+        """
+        from lit_rlhf.callbacks.hf_export import is_complete_export
+
+        if given:
+            if not os.path.exists(given):
+                raise MissingInputError(
+                    f"{what or 'input'}='{given}' does not exist; it is made by "
+                    f"`python train.py stage={stage.replace('_ptx', '')}` (or point {what} at an "
+                    "existing folder)"
+                )
+            return given
+        path = self.export_dir(stage)
+        if is_complete_export(path):
+            log.info("[%s] reusing existing output %s", stage, path)
+            return path
+        log.info("[%s] output for this config is missing (%s): building it first", stage, path)
+        return self.runners[stage](self, stage)

@@ -1,0 +1,149 @@
+"""Stage runner for ``ppo`` and ``ppo_ptx`` (PPO with the pretraining mix)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from lit_rlhf.callbacks.gold_tracking import GoldTrackingCallback
+from lit_rlhf.callbacks.hf_export import HFExportCallback
+from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
+
+from lit_rlhf.data.ppo_datamodule import PPODataModule
+from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
+from lit_rlhf.modules.ppo import PPOModule
+from lit_rlhf.stages.context import ConfigError, StageContext
+
+log = logging.getLogger("lit_rlhf")
+
+#: ppo.* keys passed straight to PPOModule.
+MODULE_KEYS = (
+    "n_rollouts",
+    "ppo_epochs",
+    "num_minibatches",
+    "micro_batch_size",
+    "temperature",
+    "max_new_tokens",
+    "kl_coef",
+    "kl_estimator",
+    "kl_target",
+    "kl_horizon",
+    "missing_eos_score",
+    "missing_eos_penalty",
+    "reward_scaling",
+    "score_clip",
+    "gamma",
+    "lam",
+    "whiten_advantages",
+    "clip_range",
+    "value_clip_range",
+    "vf_coef",
+    "policy_lr",
+    "value_lr",
+    "weight_decay",
+    "adam_eps",
+    "schedule",
+    "warmup_steps",
+    "warmup_start_ratio",
+    "max_grad_norm",
+    "ema_decay",
+    "synced_gpus",
+)
+
+
+def check_same_tokenizer(policy_tok, reward_tok, policy_path: str, reward_path: str) -> None:
+    """The RM scores the policy's token ids, so both must share one vocabulary."""
+    if policy_tok.get_vocab() != reward_tok.get_vocab():
+        raise ConfigError(
+            f"tokenizer mismatch: the policy ('{policy_path}', {len(policy_tok)} tokens) and the "
+            f"reward model ('{reward_path}', {len(reward_tok)} tokens) use different vocabularies; "
+            "train the RM from the same SFT model (rm.init_from) or pass a matching RM"
+        )
+
+
+def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
+    """Fine-tune the SFT policy with PPO against the RM; ``stage="ppo_ptx"`` adds the ptx term."""
+    pcfg = ctx.cfg["ppo"]
+    ptx_on = stage == "ppo_ptx"
+    # 0. Validate the config before loading anything.
+    if pcfg["kl_coef"] < 0:
+        raise ConfigError(f"ppo.kl_coef (beta) must be >= 0, got {pcfg['kl_coef']}")
+    if pcfg["batch_size"] % pcfg["num_minibatches"]:
+        raise ConfigError("ppo.batch_size must be divisible by ppo.num_minibatches")
+    ptx = pcfg["ptx"]
+    if ptx_on and (ptx["ratio"] <= 0 or ptx["coef"] <= 0):
+        raise ConfigError("PPO-ptx needs ppo.ptx.ratio > 0 and ppo.ptx.coef > 0")
+
+    # 1. Inputs: upstream exports (built first when missing on the embedded default).
+    policy_path = ctx.require("sft", pcfg.get("policy_path"), "ppo.policy_path")
+    ref_path = (
+        ctx.require("sft", pcfg.get("ref_path"), "ppo.ref_path")
+        if pcfg.get("ref_path")
+        else policy_path
+    )
+    reward_path = ctx.require("rm", pcfg.get("reward_path"), "ppo.reward_path")
+    value_path = (
+        ctx.require("rm", pcfg.get("value_path"), "ppo.value_path")
+        if pcfg.get("value_path")
+        else reward_path
+    )
+    pretrain_source = ctx.data_source("pretrain") if ptx_on else None
+
+    # 2. Models: dropout off everywhere; policy/value trainable, reference/RM frozen.
+    tokenizer = load_tokenizer(policy_path)
+    check_same_tokenizer(tokenizer, load_tokenizer(reward_path), policy_path, reward_path)
+    dtype = ctx.cfg["model"]["dtype"]
+    module = PPOModule(
+        policy=load_causal_lm(policy_path, dtype, 0.0, tokenizer),
+        value_model=load_sequence_classifier(value_path, dtype, 0.0, tokenizer),
+        ref_model=load_causal_lm(ref_path, dtype, 0.0, tokenizer),
+        reward_model=load_sequence_classifier(reward_path, dtype, 0.0, tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        ptx_coef=ptx["coef"] if ptx_on else 0.0,
+        ptx_reduction=ptx["reduction"],
+        **{k: pcfg[k] for k in MODULE_KEYS if k in pcfg},
+    )
+    dm = PPODataModule(
+        ctx.data_source("prompts"),
+        pretrain_source=pretrain_source,
+        fields=ctx.fields,
+        batch_size=pcfg["batch_size"],
+        max_prompt_length=pcfg["max_prompt_length"],
+        ptx_ratio=ptx["ratio"] if ptx_on else 0.0,
+        ptx_max_length=ptx["max_length"],
+        seed=ctx.cfg.get("seed", 0),
+        limit=pcfg.get("limit"),
+    ).connect(tokenizer)
+
+    # 3. Train: one Lightning "batch" per rollout; the module stops after n_rollouts.
+    stage_dir = ctx.stage_dir(stage)
+    export_dir = ctx.export_dir(stage)
+    callbacks = [
+        MetricsJSONCallback(stage_dir),
+        HFExportCallback(export_dir, tokenizer, info={"stage": stage, "run_dir": stage_dir}),
+    ]
+    if ctx.uses_embedded_world_data("prompts") and pcfg.get("track_gold", True):
+        from lit_rlhf.eval.gold import GoldJudge
+
+        callbacks.append(GoldTrackingCallback(GoldJudge().score_batch, tokenizer))
+    trainer = ctx.make_trainer(stage_dir, {**pcfg, "max_epochs": -1, "max_steps": -1}, callbacks)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=pcfg.get("resume_from"))
+    seconds = time.perf_counter() - start
+    if trainer.is_global_zero:
+        extra = {
+            f"{stage}/seconds": seconds,
+            f"{stage}/seconds_per_rollout": seconds / max(1, module.rollouts_done),
+            "data/prompts_cut": dm.prompts_cut,
+        }
+        metrics = update_metrics_json(os.path.join(stage_dir, "metrics.json"), extra)
+        update_metrics_json(os.path.join(export_dir, "metrics.json"), metrics)
+        with open(os.path.join(export_dir, "history.json"), "w") as fh:
+            json.dump(module.history, fh)
+    log.info(
+        "[%s] %d rollouts in %.1f s; export: %s", stage, module.rollouts_done, seconds, export_dir
+    )
+    return export_dir

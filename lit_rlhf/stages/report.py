@@ -1,0 +1,193 @@
+"""Stage runners for ``eval`` (gold-judge evaluation + report) and ``pipeline`` (everything)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+from lit_rlhf.callbacks.metrics_json import update_metrics_json
+from lit_rlhf.eval.gold import GoldJudge
+from lit_rlhf.eval.stats import mean_ci, win_rate
+from lit_rlhf.modules.reward import score_pairs
+
+from lit_rlhf.data.records import read_records
+from lit_rlhf.eval.policy_eval import lm_loss_on_texts, sample_with_kl
+from lit_rlhf.eval.report import print_table, write_report
+from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
+from lit_rlhf.stages.context import ConfigError, StageContext
+
+log = logging.getLogger("lit_rlhf")
+
+POLICIES = ("base", "sft", "ppo", "ppo_ptx")
+_STAGE_OF = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
+
+
+def _policy_path(ctx: StageContext, name: str) -> str:
+    ecfg = ctx.cfg["eval"]
+    given = ecfg.get(f"{name}_path")
+    if name == "base" and not given and not ctx.uses_embedded_tokenizer():
+        return ctx.cfg["model"]["name_or_path"]
+    return ctx.require(_STAGE_OF[name], given, f"eval.{name}_path")
+
+
+def _rm_accuracy(ctx: StageContext, rm_path: str, tokenizer, metrics: dict) -> None:
+    """Held-out pairwise accuracy of the RM against the labels and against gold."""
+    ecfg = ctx.cfg["eval"]
+    source = ctx.cfg["data"].get("comparisons_val")
+    if not source:
+        if ctx.cfg["data"].get("comparisons"):
+            return
+        source = os.path.join(ctx.require("label"), "comparisons_val.jsonl")
+    raw = [json.loads(line) for line in open(source, encoding="utf-8") if line.strip()]
+    rm = load_sequence_classifier(rm_path, "float32", 0.0, tokenizer)
+    prompts = [r["prompt"] for r in raw for _ in r["completions"]]
+    comps = [c for r in raw for c in r["completions"]]
+    scores = score_pairs(rm, tokenizer, prompts, comps, batch_size=ecfg["batch_size"]).tolist()
+    ok_l = n_l = ok_g = n_g = 0
+    pos = 0
+    for r in raw:
+        k = len(r["completions"])
+        s = scores[pos : pos + k]
+        pos += k
+        for i in range(k):
+            for j in range(k):
+                if r["ranks"][i] < r["ranks"][j]:
+                    n_l += 1
+                    ok_l += s[i] > s[j]
+                if "gold" in r and r["gold"][i] > r["gold"][j]:
+                    n_g += 1
+                    ok_g += s[i] > s[j]
+    metrics["eval/rm/acc_labels"] = ok_l / max(1, n_l)
+    metrics["eval/rm/pairs"] = n_l
+    if n_g:
+        metrics["eval/rm/acc_gold"] = ok_g / n_g
+
+
+def run_eval(ctx: StageContext, stage: str = "eval") -> str:
+    """Evaluate base/SFT/PPO/PPO-ptx with the gold judge; write report.md, metrics.json, plots."""
+    ecfg = ctx.cfg["eval"]
+    unknown = set(ecfg["policies"]) - set(POLICIES)
+    if unknown or "sft" not in ecfg["policies"]:
+        raise ConfigError(
+            f"eval.policies must include 'sft' and only {POLICIES}; got {ecfg['policies']}"
+        )
+    start = time.perf_counter()
+    out_dir = ctx.stage_dir(stage) if ctx.cfg["stage"]["name"] != "pipeline" else ctx.run_dir
+    paths = {name: _policy_path(ctx, name) for name in ecfg["policies"]}
+    tokenizer = load_tokenizer(paths["sft"])
+    prompts = [
+        r["prompt"]
+        for r in read_records(
+            ctx.data_source("eval_prompts"), "prompts", ctx.fields, ecfg.get("n_prompts")
+        )
+    ]
+    texts = [
+        r["text"]
+        for r in read_records(
+            ctx.data_source("pretrain_val"), "pretrain", ctx.fields, ecfg.get("n_texts")
+        )
+    ]
+    judge = GoldJudge()
+    reference = load_causal_lm(paths["sft"], "float32", 0.0, tokenizer)
+    rm_path = ecfg.get("rm_path") or ctx.require("rm", None)
+    rm = load_sequence_classifier(rm_path, "float32", 0.0, tokenizer)
+    metrics: dict[str, float] = {}
+    gold: dict[str, list[float]] = {}
+    for name, path in paths.items():
+        torch.manual_seed(ctx.cfg.get("seed", 0))  # same sampling noise for every policy
+        policy = reference if name == "sft" else load_causal_lm(path, "float32", 0.0, tokenizer)
+        samples = sample_with_kl(
+            policy,
+            tokenizer,
+            prompts,
+            reference,
+            ecfg["max_new_tokens"],
+            ecfg["temperature"],
+            ecfg["batch_size"],
+            desc=f"eval: sampling {name}",
+        )
+        gold[name] = judge.score_batch(prompts, samples.responses)
+        mean, lo, hi = mean_ci(gold[name])
+        rm_scores = score_pairs(
+            rm, tokenizer, prompts, samples.responses, batch_size=ecfg["batch_size"]
+        )
+        metrics.update(
+            {
+                f"eval/{name}/gold": mean,
+                f"eval/{name}/gold_lo": lo,
+                f"eval/{name}/gold_hi": hi,
+                f"eval/{name}/rm_score": float(rm_scores.mean()),
+                f"eval/{name}/kl_to_sft": sum(samples.kl) / len(samples.kl),
+                f"eval/{name}/response_length": sum(samples.lengths) / len(samples.lengths),
+                f"eval/{name}/lm_loss": lm_loss_on_texts(
+                    policy, tokenizer, texts, batch_size=ecfg["batch_size"]
+                ),
+            }
+        )
+        if ecfg.get("n_examples"):
+            metrics_examples = [
+                {"prompt": p, "response": r, "gold": g}
+                for p, r, g in zip(prompts[: ecfg["n_examples"]], samples.responses, gold[name])
+            ]
+            with open(os.path.join(out_dir, f"samples_{name}.json"), "w") as fh:
+                json.dump(metrics_examples, fh, indent=1)
+    for name in gold:
+        if name in ("ppo", "ppo_ptx"):
+            rate, lo, hi = win_rate(gold[name], gold["sft"])
+            metrics.update(
+                {
+                    f"eval/{name}/win_rate_vs_sft": rate,
+                    f"eval/{name}/win_rate_lo": lo,
+                    f"eval/{name}/win_rate_hi": hi,
+                }
+            )
+    if "ppo" in gold and "ppo_ptx" in gold:
+        regression = metrics["eval/ppo/lm_loss"] - metrics["eval/sft/lm_loss"]
+        gain = metrics["eval/ppo/gold"] - metrics["eval/sft/gold"]
+        if regression > 0:
+            metrics["eval/ptx/regression_recovered"] = (
+                metrics["eval/ppo/lm_loss"] - metrics["eval/ppo_ptx/lm_loss"]
+            ) / regression
+        if gain > 0:
+            metrics["eval/ptx/gain_kept"] = (
+                metrics["eval/ppo_ptx/gold"] - metrics["eval/sft/gold"]
+            ) / gain
+    _rm_accuracy(ctx, rm_path, tokenizer, metrics)
+    metrics["eval/seconds"] = time.perf_counter() - start
+    update_metrics_json(os.path.join(out_dir, "metrics.json"), metrics)
+    histories = {}
+    for name in ("ppo", "ppo_ptx"):
+        hist = os.path.join(paths.get(name, ""), "history.json")
+        if name in paths and os.path.isfile(hist):
+            histories[name] = json.load(open(hist))
+    write_report(out_dir, metrics, histories, paths, rm_path)
+    print_table(metrics)
+    log.info("[eval] report: %s", os.path.join(out_dir, "report.md"))
+    return out_dir
+
+
+def run_pipeline(ctx: StageContext, stage: str = "pipeline") -> str:
+    """The whole recipe: each stage is built unless its output exists for this config."""
+    start = time.perf_counter()
+    steps = list(ctx.cfg["stage"].get("stages") or ())
+    timings = {}
+    for step in steps:
+        if step == "pretrain" and not ctx.uses_embedded_tokenizer():
+            continue
+        if step == "label" and ctx.cfg["data"].get("comparisons"):
+            continue
+        t = time.perf_counter()
+        if step == "eval":
+            run_eval(ctx, "eval")
+        else:
+            ctx.require(step)
+        timings[f"pipeline/seconds_{step}"] = time.perf_counter() - t
+    timings["pipeline/seconds_total"] = time.perf_counter() - start
+    update_metrics_json(os.path.join(ctx.run_dir, "metrics.json"), timings)
+    log.info(
+        "[pipeline] finished in %.1f s; run dir: %s", timings["pipeline/seconds_total"], ctx.run_dir
+    )
+    return ctx.run_dir
