@@ -47,8 +47,9 @@ def atomic_output_dir(export_dir: str, info: dict | None = None):
 
 
 def save_hf_folder(model, tokenizer, export_dir: str, info: dict | None = None) -> str:
-    """``save_pretrained`` model + tokenizer into ``export_dir`` atomically (see
-    :func:`atomic_output_dir`).
+    """``save_pretrained`` model + tokenizer into ``export_dir`` atomically.
+
+    See :func:`atomic_output_dir`.
     """
     with atomic_output_dir(export_dir, info) as tmp:
         model.save_pretrained(tmp)

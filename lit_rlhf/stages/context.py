@@ -118,8 +118,9 @@ class StageContext:
 
     # -- stage graph --------------------------------------------------------------------
     def stage_dir(self, stage: str) -> str:
-        """Where a stage writes logs/metrics in this run: the run dir itself for a single
-        stage, ``<run_dir>/<stage>`` inside the pipeline.
+        """Where a stage writes logs/metrics in this run.
+
+        The run dir itself for a single stage, ``<run_dir>/<stage>`` inside the pipeline.
         """
         if self.cfg["stage"]["name"] == stage:
             return self.run_dir
