@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -150,3 +151,60 @@ def main(cfg: DictConfig) -> None:
     except (DataFormatError, ModelLoadError, MissingInputError, ConfigError) as err:
         log.error("%s", err)
         raise SystemExit(f"error: {err}") from None
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, plot one metric against another across the jobs.
+
+    Reads ``metrics.json`` of every job under the sweep dir and writes
+    ``sweep_summary.png``/``.json``/``.md`` there (used by ``experiment=kl_sweep`` for the
+    gold-score-vs-KL picture of reward over-optimization).
+
+    Args:
+        x: Metric on the x axis (e.g. ``eval/ppo/kl_to_sft``).
+        y: Metric on the y axis (e.g. ``eval/ppo/gold``).
+        proxy: Optional second y metric drawn on a twin axis (e.g. the RM score).
+        label: Override whose value labels each point (e.g. ``ppo.kl_coef``).
+    """
+
+    def __init__(self, x: str, y: str, proxy: str | None = None, label: str | None = None) -> None:
+        self.x, self.y, self.proxy, self.label = x, y, proxy, label
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        import json
+
+        from lit_rlhf.eval.report import plot_sweep
+
+        sweep_dir = str(config.hydra.sweep.dir)
+        rows = []
+        for sub in sorted(os.listdir(sweep_dir)):
+            job = os.path.join(sweep_dir, sub)
+            path = os.path.join(job, "metrics.json")
+            if not os.path.isfile(path):
+                continue
+            metrics = json.load(open(path))
+            overrides = os.path.join(job, ".hydra", "overrides.yaml")
+            label = sub
+            if self.label and os.path.isfile(overrides):
+                for line in OmegaConf.load(overrides):
+                    if str(line).startswith(self.label + "="):
+                        label = str(line)
+            if self.x in metrics and self.y in metrics:
+                rows.append(
+                    {
+                        "job": sub,
+                        "label": label,
+                        "x": metrics[self.x],
+                        "y": metrics[self.y],
+                        "proxy": metrics.get(self.proxy) if self.proxy else None,
+                    }
+                )
+        if not rows:
+            log.warning("sweep summary: no job wrote %s and %s", self.x, self.y)
+            return
+        with open(os.path.join(sweep_dir, "sweep_summary.json"), "w") as fh:
+            json.dump({"x": self.x, "y": self.y, "proxy": self.proxy, "jobs": rows}, fh, indent=2)
+        png = plot_sweep(
+            rows, self.x, self.y, self.proxy, os.path.join(sweep_dir, "sweep_summary.png")
+        )
+        log.info("sweep summary (%d jobs): %s", len(rows), png)

@@ -189,3 +189,26 @@ def print_table(metrics: dict) -> None:
     ):
         if key in metrics:
             Console().print(f"{key}: {metrics[key]:.3f}")
+
+
+def plot_sweep(rows: list[dict], x: str, y: str, proxy: str | None, path: str) -> str:
+    """One point per sweep job: ``y`` (e.g. gold) and optionally ``proxy`` (RM score) vs ``x``."""
+    rows = sorted(rows, key=lambda r: r["x"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot([r["x"] for r in rows], [r["y"] for r in rows], "o-", color="C0", label=y)
+    for r in rows:
+        ax.annotate(
+            r["label"], (r["x"], r["y"]), fontsize=7, textcoords="offset points", xytext=(4, 4)
+        )
+    ax.set(xlabel=x, ylabel=y, title="sweep: gold score vs KL (reward over-optimization)")
+    ax.grid(alpha=0.3)
+    if proxy and any(r.get("proxy") is not None for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot([r["x"] for r in rows], [r["proxy"] for r in rows], "s--", color="C1", label=proxy)
+        ax2.set_ylabel(proxy)
+        ax2.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

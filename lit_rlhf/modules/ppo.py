@@ -9,6 +9,7 @@ shard with the module, but left out of checkpoints: they are rebuilt from their 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import defaultdict
 
 import lightning as L
@@ -169,6 +170,7 @@ class PPOModule(L.LightningModule):
         )
 
         # 1. Rollout: sample one response per prompt, cut after the first EOS.
+        t0 = time.perf_counter()
         ro = generate(
             self.policy,
             query_ids,
@@ -182,6 +184,7 @@ class PPOModule(L.LightningModule):
         mask = ro.response_mask
 
         # 2. Score: old log-probs, reference log-probs, values, RM score at the last token.
+        t1 = time.perf_counter()
         with torch.no_grad():
             ro.logprobs, _ = response_logprobs(self.policy, ro, hp.temperature)
             ro.ref_logprobs, _ = response_logprobs(self.ref_model, ro, hp.temperature)
@@ -207,7 +210,12 @@ class PPOModule(L.LightningModule):
                 advantages = masked_whiten(advantages, mask)
 
         # 5. Optimize: ppo_epochs x minibatches of clipped policy + value (+ ptx) loss.
+        t2 = time.perf_counter()
         stats = self._optimize(ro, advantages, returns, data.get("ptx"))
+        t3 = time.perf_counter()
+        stats.update(
+            {"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/optimization": t3 - t2}
+        )
 
         # Bookkeeping: KL controller, EMA, run length.
         kl_per_seq = kl.sum(-1)

@@ -1,0 +1,77 @@
+"""Shared fixtures: a download-free tokenizer, tiny GPT-2/Llama factories, a clean environment."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+
+transformers.utils.logging.disable_progress_bar()
+# Load reports ("score.weight MISSING") and resize notices are expected in these tests.
+transformers.utils.logging.set_verbosity_error()
+torch.set_num_threads(2)
+
+
+def _make_tokenizer():
+    """A small tokenizer with pad != eos that needs no files or network."""
+    try:
+        from lit_rlhf.models.tokenizer import tiny_test_tokenizer
+    except ImportError:
+        tiny_test_tokenizer = None
+    if tiny_test_tokenizer is not None:
+        try:
+            return tiny_test_tokenizer()
+        except Exception:  # an in-progress helper must not break every test
+            pass
+    return transformers.ByT5Tokenizer()
+
+
+@pytest.fixture
+def tok():
+    """A fresh tokenizer per test (tests may add tokens or change padding side)."""
+    tokenizer = _make_tokenizer()
+    assert tokenizer.pad_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    return tokenizer
+
+
+def _tiny_factory(arch: str, tokenizer):
+    from lit_rlhf.models.tiny import build_tiny_causal_lm
+
+    def make(**overrides):
+        kwargs = dict(hidden_size=32, num_layers=2, num_heads=2, seed=0)
+        kwargs.update(overrides)
+        return build_tiny_causal_lm(arch, tokenizer=tokenizer, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def tiny_gpt2(tok):
+    """Factory: ``tiny_gpt2(**config_overrides)`` -> a seeded tiny GPT-2 causal LM."""
+    return _tiny_factory("gpt2", tok)
+
+
+@pytest.fixture
+def tiny_llama(tok):
+    """Factory: ``tiny_llama(**config_overrides)`` -> a seeded tiny Llama causal LM."""
+    return _tiny_factory("llama", tok)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_lm(request, tok):
+    """Factory for both architectures (parametrized test runs once per arch)."""
+    return _tiny_factory(request.param, tok)
+
+
+@pytest.fixture(autouse=True)
+def _clean_process_state():
+    """Restore os.environ and tear down any process group a test (or DDP) left behind."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
