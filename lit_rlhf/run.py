@@ -82,11 +82,14 @@ def _check_multirun_strategy(cfg: DictConfig) -> None:
     except ValueError:  # composed outside @hydra.main (tests)
         return
     strategy = cfg.trainer.get("strategy")
-    name = strategy if isinstance(strategy, str) else (strategy or {}).get("_target_", "")
-    if mode == RunMode.MULTIRUN and str(name) in (
-        "ddp",
-        "lightning.pytorch.strategies.DDPStrategy",
-    ):
+    if isinstance(strategy, str):
+        relaunches = strategy == "ddp" or strategy.startswith("ddp_find_unused_parameters")
+    else:
+        # ddp_fork/ddp_spawn are DDPStrategy too; only the default "popen" start relaunches.
+        target = str((strategy or {}).get("_target_", ""))
+        start = (strategy or {}).get("start_method") or "popen"
+        relaunches = target.endswith("DDPStrategy") and start == "popen"
+    if mode == RunMode.MULTIRUN and relaunches:
         raise SystemExit(
             "refusing `-m` (multirun) with strategy=ddp: Lightning relaunches every rank as a "
             "new process that would re-run the whole sweep. Use strategy=ddp_fork (CPU) or "
@@ -116,9 +119,18 @@ def make_trainer_factory(cfg: DictConfig) -> Callable[..., L.Trainer]:
     return make_trainer
 
 
+def _quiet_transformers() -> None:
+    """Progress bars and load reports of transformers drown the stage logs on the CLI."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def run(cfg: DictConfig) -> str:
     """Run the stage selected by ``cfg.stage.name``; returns its output path."""
     _check_multirun_strategy(cfg)
+    _quiet_transformers()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
         run_dir = HydraConfig.get().runtime.output_dir

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 
 import pytest
@@ -14,8 +16,9 @@ transformers.utils.logging.set_verbosity_error()
 torch.set_num_threads(2)
 
 
-def _make_tokenizer():
-    """A small tokenizer with pad != eos that needs no files or network."""
+@functools.lru_cache(maxsize=1)
+def _base_tokenizer():
+    """A small tokenizer with pad != eos that needs no files or network (built once)."""
     try:
         from lit_rlhf.models.tokenizer import tiny_test_tokenizer
     except ImportError:
@@ -23,18 +26,24 @@ def _make_tokenizer():
     if tiny_test_tokenizer is not None:
         try:
             return tiny_test_tokenizer()
-        except Exception:  # an in-progress helper must not break every test
+        except Exception:  # an in-progress helper module must not break every test
             pass
     return transformers.ByT5Tokenizer()
 
 
 @pytest.fixture
 def tok():
-    """A fresh tokenizer per test (tests may add tokens or change padding side)."""
-    tokenizer = _make_tokenizer()
+    """A fresh copy per test (tests may add tokens or change the padding side)."""
+    tokenizer = copy.deepcopy(_base_tokenizer())
     assert tokenizer.pad_token_id is not None
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     return tokenizer
+
+
+@pytest.fixture
+def byte_tok():
+    """A byte-level tokenizer (one token per UTF-8 byte) for tests that count tokens exactly."""
+    return transformers.ByT5Tokenizer()
 
 
 def _tiny_factory(arch: str, tokenizer):

@@ -73,9 +73,15 @@ def test_load_causal_lm_dtype(tmp_path, tok, tiny_gpt2):
 
 
 @pytest.mark.parametrize("pad", ["missing", "eos"])
-def test_pad_token_added_and_embeddings_resized(tmp_path, tok, tiny_gpt2, pad):
-    model = tiny_gpt2()
+@pytest.mark.parametrize("which", ["byte", "kit"])
+def test_pad_token_added_and_embeddings_resized(tmp_path, tok, byte_tok, pad, which):
+    from lit_rlhf.models.tiny import build_tiny_causal_lm
+
+    # ByT5 has no "<|pad|>" (a new id: embeddings grow); the kit's tokenizer may already hold it.
+    tok = byte_tok if which == "byte" else tok
+    model = build_tiny_causal_lm("gpt2", tokenizer=tok, hidden_size=32, num_layers=1, num_heads=2)
     n_vocab = model.get_input_embeddings().num_embeddings
+    had_pad_token = PAD_TOKEN in tok.get_vocab()
     if pad == "eos":
         tok.pad_token = tok.eos_token
         assert tok.pad_token_id == tok.eos_token_id
@@ -87,14 +93,16 @@ def test_pad_token_added_and_embeddings_resized(tmp_path, tok, tiny_gpt2, pad):
     tok2 = load_tokenizer(path)
     assert tok2.pad_token == PAD_TOKEN
     assert tok2.pad_token_id not in (None, tok2.eos_token_id)
-    assert len(tok2) == n_vocab + 1
+    assert len(tok2) == n_vocab + (not had_pad_token)
+    if which == "byte":
+        assert tok2.pad_token_id == n_vocab  # appended
 
     loaded = load_causal_lm(path, tokenizer=tok2)
     assert loaded.get_input_embeddings().num_embeddings == len(tok2)
     assert loaded.get_output_embeddings().weight.shape[0] == len(tok2)
     assert loaded.config.pad_token_id == tok2.pad_token_id
     assert loaded.config.eos_token_id == tok2.eos_token_id
-    # The new id is usable end to end.
+    # The pad id is usable end to end.
     with torch.no_grad():
         loaded(torch.tensor([[tok2.pad_token_id, tok2.eos_token_id]]))
 
@@ -103,7 +111,9 @@ def test_dropout_override(tmp_path, tok, tiny_gpt2, tiny_llama):
     for name, factory in (("gpt2", tiny_gpt2), ("llama", tiny_llama)):
         path = _save(factory(dropout=0.3), tok, tmp_path / name)
         model = load_causal_lm(path, dropout=0.0)
-        probs = {k: v for k, v in vars(model.config).items() if k.endswith("pdrop") or "dropout" in k}
+        probs = {
+            k: v for k, v in vars(model.config).items() if k.endswith("pdrop") or "dropout" in k
+        }
         assert probs, f"{name}: no dropout fields found"
         for key, value in probs.items():
             if isinstance(value, float):

@@ -115,11 +115,15 @@ def _iter_hf_dataset(source: str) -> Iterator[tuple[int, Any, str]]:
         yield i, rec, "hf"
 
 
-def _text_field(rec: Mapping, key: str, where: str, allow_empty: bool = False) -> str:
+def _text_field(
+    rec: Mapping, f: Mapping[str, str], canonical: str, where: str, allow_empty: bool = False
+) -> str:
+    key = f[canonical]
     if key not in rec:
+        # The mapping is keyed by the canonical name, whatever the source calls the field.
         raise DataFormatError(
             f"{where}: missing field '{key}' (has {sorted(rec)}); rename the field or set "
-            f"the field mapping (e.g. data.fields.{key}=<your name>)"
+            f"the field mapping (e.g. data.fields.{canonical}=<your name>)"
         )
     value = rec[key]
     if not isinstance(value, str):
@@ -132,10 +136,10 @@ def _text_field(rec: Mapping, key: str, where: str, allow_empty: bool = False) -
 
 
 def _comparison(rec: Mapping, f: Mapping[str, str], where: str) -> dict:
-    prompt = _text_field(rec, f["prompt"], where, allow_empty=True)
+    prompt = _text_field(rec, f, "prompt", where, allow_empty=True)
     if f["completions"] not in rec and f["chosen"] in rec:
-        chosen = _text_field(rec, f["chosen"], where)
-        rejected = _text_field(rec, f["rejected"], where)
+        chosen = _text_field(rec, f, "chosen", where)
+        rejected = _text_field(rec, f, "rejected", where)
         return {"prompt": prompt, "completions": [chosen, rejected], "ranks": [0, 1]}
     for key in ("completions", "ranks"):
         if f[key] not in rec:
@@ -147,8 +151,9 @@ def _comparison(rec: Mapping, f: Mapping[str, str], where: str) -> dict:
     if not isinstance(comps, list) or len(comps) < 2:
         raise DataFormatError(f"{where}: '{f['completions']}' must be a list of >= 2 strings")
     for j, c in enumerate(comps):
-        if not isinstance(c, str) or not c.strip():
-            raise DataFormatError(f"{where}: completion {j} must be a non-empty string")
+        # An empty response is a legitimate (bad) sample of a policy: it is ranked, not refused.
+        if not isinstance(c, str):
+            raise DataFormatError(f"{where}: completion {j} must be a string, got {type(c).__name__}")
     if not isinstance(ranks, list) or len(ranks) != len(comps):
         n = len(ranks) if isinstance(ranks, list) else type(ranks).__name__
         raise DataFormatError(
@@ -198,14 +203,14 @@ def read_records(
         elif kind == "demonstrations":
             out.append(
                 {
-                    "prompt": _text_field(rec, names["prompt"], where, allow_empty=True),
-                    "completion": _text_field(rec, names["completion"], where),
+                    "prompt": _text_field(rec, names, "prompt", where, allow_empty=True),
+                    "completion": _text_field(rec, names, "completion", where),
                 }
             )
         elif kind == "pretrain":
-            out.append({"text": _text_field(rec, names["text"], where)})
+            out.append({"text": _text_field(rec, names, "text", where)})
         else:
-            out.append({"prompt": _text_field(rec, names["prompt"], where)})
+            out.append({"prompt": _text_field(rec, names, "prompt", where)})
         if limit is not None and len(out) >= limit:
             break
     if not out:

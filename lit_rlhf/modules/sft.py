@@ -74,6 +74,13 @@ class SFTModule(L.LightningModule):
         self.log("train/tokens", n_tokens.float(), reduce_fx="sum", on_step=False, on_epoch=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # A standalone trainer.validate() runs under inference_mode, so the states its epoch-end
+        # reset leaves are inference tensors that fit's (no_grad) validation cannot update in
+        # place; re-create them in the current mode.
+        self.val_loss.reset()
+        self.val_ppl.reset()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch)
         nll, mask = next_token_nll(logits, batch["input_ids"], batch["loss_mask"])

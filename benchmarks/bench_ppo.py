@@ -1,0 +1,144 @@
+"""Time PPO iterations of lit_rlhf's PPOModule (one process, one size).
+
+Run by run_all.py; standalone:
+    python benchmarks/bench_ppo.py --size 1m --artifacts benchmarks/.cache/artifacts --out r.json
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def build(args, n_rollouts: int):
+    """The PPOModule, datamodule and tokenizer of the benchmark (shared with profile_ppo.py)."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    from lit_rlhf.data.ppo_datamodule import PPODataModule
+    from lit_rlhf.modules.ppo import PPOModule
+
+    art = Path(args.artifacts)
+    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
+
+    def lm():
+        return AutoModelForCausalLM.from_pretrained(art / args.size / "policy", dtype=torch.float32)
+
+    def rm():
+        return AutoModelForSequenceClassification.from_pretrained(
+            art / args.size / "rm", dtype=torch.float32
+        )
+
+    s = common.PPO
+    module = PPOModule(
+        policy=lm(),
+        value_model=rm(),
+        ref_model=lm(),
+        reward_model=rm(),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        n_rollouts=n_rollouts,
+        ppo_epochs=s["ppo_epochs"],
+        num_minibatches=s["num_minibatches"],
+        temperature=s["temperature"],
+        max_new_tokens=s["response_len"],
+        kl_coef=s["kl_coef"],
+        policy_lr=s["lr"],
+        value_lr=s["lr"],
+        # TRL's PPOTrainer does not clip gradients; equal work.
+        max_grad_norm=None,
+    )
+    dm = PPODataModule(
+        str(art / "prompts.jsonl"),
+        batch_size=s["batch_size"],
+        max_prompt_length=s["prompt_len"],
+    ).connect(tok)
+    return module, dm, tok
+
+
+def main() -> None:
+    args = common.child_args(__doc__)
+    common.setup_threads()
+    rss_start = common.rss_now_mib()
+    import lightning as L
+    import torch
+    import transformers
+
+    import lit_rlhf  # noqa: F401
+
+    transformers.utils.logging.set_verbosity_error()
+    rss_import = common.rss_now_mib()
+    n = args.warmup + args.iters
+    L.seed_everything(0, verbose=False)
+    module, dm, _ = build(args, n)
+
+    clock = common.StepClock()
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            clock.begin()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.tick()
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Clock()],
+    )
+    rss_setup = common.rss_now_mib()
+    t0 = time.perf_counter()
+    trainer.fit(module, dm)
+    wall = time.perf_counter() - t0
+
+    hist = module.history
+    total = common.steady(clock.durations(), args.warmup)
+    split = {
+        k: common.steady([h[f"time/{k}"] for h in hist], args.warmup)
+        for k in ("generation", "scoring", "optimization")
+    }
+    split["other"] = [t - sum(split[k][i] for k in split) for i, t in enumerate(total)]
+    ro = module.last_rollout
+    common.write_result(
+        args.out,
+        {
+            "framework": "lit_rlhf",
+            "bench": "ppo",
+            "size": args.size,
+            "iter_s": total,
+            "split_s": split,
+            "fit_wall_s": wall,
+            "rss_start_mib": rss_start,
+            "rss_after_import_mib": rss_import,
+            "rss_after_setup_mib": rss_setup,
+            "checks": {
+                "query_shape": list(ro.query_ids.shape),
+                "response_shape": list(ro.response_ids.shape),
+                "response_tokens_min": int(ro.response_mask.sum(-1).min()),
+                "query_pad_tokens": int((ro.query_mask == 0).sum()),
+                "iterations": len(hist),
+                "threads_in_run": torch.get_num_threads(),
+            },
+            "versions": {
+                "lightning": L.__version__,
+                "transformers": transformers.__version__,
+            },
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Time reward-model training steps of lit_rlhf's RewardModule + ComparisonsDataModule.
+
+Pairwise records (K = 2: one pair per prompt), every response exactly ``RM["seq_len"]``
+tokens (prompt + completion + EOS); one step scores the 2 x pairs responses in one forward.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def main() -> None:
+    args = common.child_args(__doc__)
+    common.setup_threads()
+    rss_start = common.rss_now_mib()
+    import lightning as L
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lit_rlhf.data.comparisons import ComparisonsDataModule
+    from lit_rlhf.modules.reward import RewardModule
+
+    transformers.utils.logging.set_verbosity_error()
+    rss_import = common.rss_now_mib()
+    art = Path(args.artifacts)
+    s = common.RM
+    L.seed_everything(0, verbose=False)
+    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        art / args.size / "rm", dtype=torch.float32
+    )
+    # HF Trainer defaults on the TRL side: AdamW betas (0.9, 0.999), linear decay, clip 1.0.
+    module = RewardModule(
+        model, lr=s["lr"], betas=(0.9, 0.999), schedule="linear", min_lr_ratio=0.0
+    )
+    dm = ComparisonsDataModule(
+        str(art / "pairs.jsonl"),
+        max_length=s["seq_len"],
+        batch_size=s["pairs_per_batch"],
+        val_fraction=0.0,
+    ).connect(tok)
+
+    clock = common.StepClock()
+    seen = {"rows": 0, "tokens": 0, "max_len": 0, "min_len": 1 << 30}
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            clock.begin()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.tick()
+            lengths = batch["attention_mask"].sum(-1)
+            seen["rows"] += int(lengths.shape[0])
+            seen["tokens"] += int(lengths.sum())
+            seen["max_len"] = max(seen["max_len"], int(batch["input_ids"].shape[1]))
+            seen["min_len"] = min(seen["min_len"], int(lengths.min()))
+
+    n = args.warmup + args.iters
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=n,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        callbacks=[Clock()],
+    )
+    rss_setup = common.rss_now_mib()
+    t0 = time.perf_counter()
+    trainer.fit(module, dm)
+    wall = time.perf_counter() - t0
+    steps = common.steady(clock.durations(), args.warmup)
+    pairs = s["pairs_per_batch"]
+    common.write_result(
+        args.out,
+        {
+            "framework": "lit_rlhf",
+            "bench": "rm",
+            "size": args.size,
+            "step_s": steps,
+            "pairs_per_step": pairs,
+            "pairs_per_s": pairs * len(steps) / sum(steps),
+            "tokens_per_s": 2 * pairs * s["seq_len"] * len(steps) / sum(steps),
+            "fit_wall_s": wall,
+            "rss_start_mib": rss_start,
+            "rss_after_import_mib": rss_import,
+            "rss_after_setup_mib": rss_setup,
+            "checks": {
+                "steps": len(clock.ends),
+                "rows_seen": seen["rows"],
+                "tokens_seen": seen["tokens"],
+                "batch_len_max": seen["max_len"],
+                "seq_len_min": seen["min_len"],
+                "threads_in_run": torch.get_num_threads(),
+                "optimizer": type(trainer.optimizers[0]).__name__,
+            },
+            "versions": {"lightning": L.__version__, "transformers": transformers.__version__},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

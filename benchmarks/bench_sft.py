@@ -1,0 +1,110 @@
+"""Time SFT training steps of lit_rlhf's SFTModule + DemonstrationsDataModule (one process).
+
+Every demonstration is exactly ``SFT["seq_len"]`` tokens (prompt + completion + EOS), so a
+batch carries no padding and tokens/s counts the same tokens on both sides.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def main() -> None:
+    args = common.child_args(__doc__)
+    common.setup_threads()
+    rss_start = common.rss_now_mib()
+    import lightning as L
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_rlhf.data.lm_datamodule import DemonstrationsDataModule
+    from lit_rlhf.modules.sft import SFTModule
+
+    transformers.utils.logging.set_verbosity_error()
+    rss_import = common.rss_now_mib()
+    art = Path(args.artifacts)
+    s = common.SFT
+    L.seed_everything(0, verbose=False)
+    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(art / args.size / "policy", dtype=torch.float32)
+    # HF Trainer defaults on the TRL side: AdamW betas (0.9, 0.999), linear decay, clip 1.0.
+    module = SFTModule(
+        model, lr=s["lr"], betas=(0.9, 0.999), schedule="linear", min_lr_ratio=0.0
+    )
+    dm = DemonstrationsDataModule(
+        str(art / "demos.jsonl"),
+        max_length=s["seq_len"],
+        batch_size=s["batch_size"],
+        val_fraction=0.0,
+    ).connect(tok)
+
+    clock = common.StepClock()
+    seen: dict[str, int] = {"tokens": 0, "max_len": 0, "min_len": 1 << 30, "loss_tokens": 0}
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            clock.begin()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.tick()
+            lengths = batch["attention_mask"].sum(-1)
+            seen["tokens"] += int(lengths.sum())
+            seen["max_len"] = max(seen["max_len"], int(batch["input_ids"].shape[1]))
+            seen["min_len"] = min(seen["min_len"], int(lengths.min()))
+            seen["loss_tokens"] += int(batch["loss_mask"][:, 1:].sum())
+
+    n = args.warmup + args.iters
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=n,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        callbacks=[Clock()],
+    )
+    rss_setup = common.rss_now_mib()
+    t0 = time.perf_counter()
+    trainer.fit(module, dm)
+    wall = time.perf_counter() - t0
+    steps = common.steady(clock.durations(), args.warmup)
+    tokens_per_step = s["batch_size"] * s["seq_len"]
+    common.write_result(
+        args.out,
+        {
+            "framework": "lit_rlhf",
+            "bench": "sft",
+            "size": args.size,
+            "step_s": steps,
+            "tokens_per_step": tokens_per_step,
+            "tokens_per_s": tokens_per_step * len(steps) / sum(steps),
+            "fit_wall_s": wall,
+            "rss_start_mib": rss_start,
+            "rss_after_import_mib": rss_import,
+            "rss_after_setup_mib": rss_setup,
+            "checks": {
+                "steps": len(clock.ends),
+                "tokens_seen": seen["tokens"],
+                "batch_len_max": seen["max_len"],
+                "seq_len_min": seen["min_len"],
+                "loss_tokens": seen["loss_tokens"],
+                "threads_in_run": torch.get_num_threads(),
+                "optimizer": type(trainer.optimizers[0]).__name__,
+            },
+            "versions": {"lightning": L.__version__, "transformers": transformers.__version__},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Stage runner for ``rm``: the reward model on K-wise (or pairwise) comparisons.
+
+Starts from the SFT export (InstructGPT: the RM shares the SFT model's backbone, with the
+unembedding replaced by a scalar head), trains on the ``label`` stage's comparisons or the
+user's ``data.comparisons``, then shifts the head so that demonstrations score mean 0 and
+exports a folder that ``AutoModelForSequenceClassification`` loads (PPO's reward and value
+model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from lit_rlhf.callbacks.hf_export import atomic_output_dir
+from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
+
+from lit_rlhf.data.comparisons import ComparisonsDataModule
+from lit_rlhf.data.records import read_records
+from lit_rlhf.models.heads import fold_reward_bias
+from lit_rlhf.models.loading import load_sequence_classifier, load_tokenizer
+from lit_rlhf.modules.reward import RewardModule, demonstration_bias
+from lit_rlhf.stages.context import StageContext
+
+log = logging.getLogger("lit_rlhf")
+
+_MODULE_KEYS = ("lr", "weight_decay", "schedule", "warmup_steps", "min_lr_ratio", "margin")
+
+
+def comparison_sources(ctx: StageContext) -> tuple[str, str | None]:
+    """``(train, val)`` comparison sources: ``data.comparisons[_val]`` or the label stage's files.
+
+    With user comparisons and no ``data.comparisons_val``, val is None (the DataModule then
+    holds out ``rm.val_fraction``).
+    """
+    data = ctx.cfg["data"]
+    if data.get("comparisons"):
+        return str(data["comparisons"]), data.get("comparisons_val") or None
+    label_dir = ctx.require("label")
+    val = data.get("comparisons_val") or os.path.join(label_dir, "comparisons_val.jsonl")
+    return os.path.join(label_dir, "comparisons_train.jsonl"), str(val)
+
+
+def _bias(ctx: StageContext, model, tokenizer, rcfg: dict) -> float:
+    n = rcfg.get("bias_samples")
+    if n is not None and int(n) <= 0:
+        log.info("[rm] rm.bias_samples=%s: no demonstration bias applied", n)
+        return 0.0
+    demos = read_records(
+        ctx.data_source("demonstrations"), "demonstrations", ctx.fields, int(n) if n else None
+    )
+    return demonstration_bias(
+        model,
+        tokenizer,
+        [d["prompt"] for d in demos],
+        [d["completion"] for d in demos],
+        max_length=rcfg["max_length"],
+    )
+
+
+def run_rm(ctx: StageContext, stage: str = "rm") -> str:
+    """Train the reward model; returns its export folder."""
+    rcfg = ctx.cfg["rm"]
+    init = ctx.require("sft", rcfg.get("init_from"), "rm.init_from")
+    train_src, val_src = comparison_sources(ctx)  # may build the label stage first
+    # The label stage writes canonical field names; data.fields renames only user files.
+    fields = ctx.fields if ctx.cfg["data"].get("comparisons") else {}
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(init)
+    model = load_sequence_classifier(
+        init,
+        ctx.cfg["model"]["dtype"],
+        dropout=rcfg.get("dropout", 0.0),
+        tokenizer=tokenizer,
+        from_causal_lm=True,
+    )
+    dm = ComparisonsDataModule(
+        train_src,
+        val_source=val_src,
+        fields=fields,
+        max_length=rcfg["max_length"],
+        batch_size=rcfg["batch_size"],
+        eval_batch_size=rcfg.get("eval_batch_size"),
+        val_fraction=rcfg.get("val_fraction", 0.05),
+        seed=ctx.cfg.get("seed", 0),
+        limit=rcfg.get("limit"),
+    ).connect(tokenizer)
+    module = RewardModule(model, **{k: rcfg[k] for k in _MODULE_KEYS if k in rcfg})
+
+    stage_dir = ctx.stage_dir(stage)
+    trainer = ctx.make_trainer(stage_dir, rcfg, [MetricsJSONCallback(stage_dir)])
+    trainer.fit(module, datamodule=dm, ckpt_path=rcfg.get("resume_from"))
+
+    # InstructGPT: shift the RM so labeler demonstrations score mean 0 (every rank computes
+    # the same value; only rank 0 writes).
+    model = module.export_model()
+    bias = _bias(ctx, model, tokenizer, rcfg)
+    where = fold_reward_bias(model, bias)
+    seconds = time.perf_counter() - start
+    metrics = {
+        "rm/bias": bias,
+        "rm/seconds": seconds,
+        **dm.stats(),
+    }
+    export_dir = ctx.export_dir("rm")
+    if "val/acc" in trainer.callback_metrics:
+        # The same number under the name the eval report uses beside val/acc_gold.
+        metrics["val/acc_labels"] = trainer.callback_metrics["val/acc"]
+    if trainer.is_global_zero:
+        metrics = update_metrics_json(os.path.join(stage_dir, "metrics.json"), metrics)
+        info = {"stage": "rm", "run_dir": stage_dir, "init_from": init, "bias": bias}
+        info["bias_folded_into"] = where
+        with atomic_output_dir(export_dir, info) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            update_metrics_json(os.path.join(tmp, "metrics.json"), metrics)
+    log.info(
+        "[rm] val/acc %s, bias %.4f (folded into %s), %d train pairs, %.1f s; export: %s",
+        _fmt(metrics.get("val/acc")),
+        bias,
+        where,
+        dm.train_pairs,
+        seconds,
+        export_dir,
+    )
+    return export_dir
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,202 @@
+"""Every shipped YAML composes; CPU trainers instantiate; CLI errors are one clear line."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import MissingConfigException
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import OmegaConf, open_dict, read_write
+
+from lit_rlhf.run import _check_multirun_strategy, make_trainer_factory, register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+#: Choices whose Trainer needs hardware this CPU-only test machine lacks.
+NEEDS_GPU = {("trainer", "gpu"), ("trainer", "multinode")}
+
+
+def _choices() -> list[tuple[str, str]]:
+    out = []
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir()):
+        for path in sorted(group.rglob("*.yaml")):
+            out.append((group.name, path.relative_to(group).with_suffix("").as_posix()))
+    return out
+
+
+CHOICES = _choices()
+
+
+@pytest.fixture
+def compose_cfg(tmp_path, monkeypatch):
+    """``compose_cfg(*overrides)`` -> the composed train config with HydraConfig set."""
+    monkeypatch.setenv("LIT_RLHF_HOME", str(tmp_path))
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    ctx = initialize_config_dir(config_dir=str(CONF), version_base="1.3")
+    ctx.__enter__()
+
+    def make(*overrides: str):
+        # hydra.runtime.output_dir is only filled in by a real run: point output_dir at tmp.
+        cfg = compose(
+            "train",
+            overrides=[*overrides, f"paths.output_dir={tmp_path / 'run'}"],
+            return_hydra_config=True,
+        )
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    yield make
+    ctx.__exit__(None, None, None)
+    GlobalHydra.instance().clear()
+
+
+def test_every_group_has_choices():
+    groups = {g for g, _ in CHOICES}
+    assert {"stage", "model", "trainer", "strategy", "precision", "logger", "callbacks"} <= groups
+    # Every default named in train.yaml exists.
+    train = OmegaConf.load(CONF / "train.yaml")
+    for entry in train.defaults:
+        if isinstance(entry, str):
+            continue
+        for group, choice in entry.items():
+            if choice is not None:
+                assert (CONF / group / f"{choice}.yaml").is_file(), f"{group}/{choice}.yaml"
+
+
+def test_default_config_resolves(compose_cfg, tmp_path):
+    cfg = compose_cfg()
+    # hydra.sweep.subdir needs hydra.job.num, which only a multirun sets: resolve the rest.
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    plain = OmegaConf.to_container(body, resolve=True, throw_on_missing=True)
+    plain["hydra"] = {"run": {"dir": cfg.hydra.run.dir}, "job": {"chdir": cfg.hydra.job.chdir}}
+    assert plain["stage"]["name"] == "pipeline"
+    assert plain["paths"]["root_dir"] == str(tmp_path)
+    assert plain["paths"]["exports_dir"] == str(tmp_path / "exports")
+    assert plain["data"]["embedded"]["seed"] == plain["seed"]
+    assert plain["hydra"]["run"]["dir"].startswith(str(tmp_path / "logs" / "pipeline"))
+    assert plain["hydra"]["job"]["chdir"] is False
+
+
+@pytest.mark.parametrize(("group", "choice"), CHOICES, ids=[f"{g}={c}" for g, c in CHOICES])
+def test_every_yaml_composes(compose_cfg, tmp_path, group, choice):
+    text = (CONF / group / f"{choice}.yaml").read_text()
+    try:
+        cfg = compose_cfg(f"{group}={choice}")
+    except MissingConfigException:
+        plugin = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper")
+        if "optuna" in text and plugin is None:
+            pytest.skip("needs the optional `sweep` extra (hydra-optuna-sweeper)")
+        raise
+    assert cfg.hydra.runtime.choices[group] == choice
+    # Everything outside hydra.* resolves (model=hf deliberately leaves name_or_path ???).
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.to_container(body, resolve=True, throw_on_missing=(group, choice) != ("model", "hf"))
+
+    if (group, choice) in NEEDS_GPU and not torch.cuda.is_available():
+        assert cfg.trainer.accelerator == "gpu"
+        return
+    make_trainer = make_trainer_factory(cfg)
+    trainer = make_trainer(str(tmp_path / "stage"), {"max_steps": 3, "lr": 0.1})
+    assert trainer.max_steps == 3
+    if group == "strategy" and choice.startswith("ddp"):
+        assert isinstance(trainer.strategy, DDPStrategy)
+    if group == "precision" and choice != "16-mixed":  # Lightning maps 16-mixed to bf16 on CPU
+        assert trainer.precision == choice
+    if group == "logger":
+        expected = {"none": 0, "many": 2}.get(choice, 1)
+        assert len(trainer.loggers) == expected
+        for lg in trainer.loggers:
+            assert lg.save_dir == str(tmp_path / "stage")
+
+
+def test_stage_settings_reach_the_trainer(compose_cfg, tmp_path):
+    cfg = compose_cfg("stage=sft")
+    extra = L.Callback()
+    trainer = make_trainer_factory(cfg)(
+        str(tmp_path / "stage"),
+        {"max_epochs": 3, "gradient_clip_val": 0.5, "lr": 1e-3, "trainer": {"max_steps": 5}},
+        [extra],
+    )
+    assert (trainer.max_epochs, trainer.max_steps, trainer.gradient_clip_val) == (3, 5, 0.5)
+    assert trainer.default_root_dir == str(tmp_path / "stage")
+    assert extra in trainer.callbacks
+    assert any(isinstance(c, TQDMProgressBar) for c in trainer.callbacks)
+    assert any(isinstance(c, ModelCheckpoint) and c.save_last for c in trainer.callbacks)
+    assert isinstance(trainer.logger, CSVLogger)
+
+
+def test_callback_can_be_nulled(compose_cfg, tmp_path):
+    cfg = compose_cfg("callbacks.checkpoint=null", "logger=none")
+    trainer = make_trainer_factory(cfg)(str(tmp_path / "stage"), {})
+    assert not any(isinstance(c, ModelCheckpoint) and c.save_last for c in trainer.callbacks)
+    assert trainer.loggers == []
+
+
+def test_unknown_choice_is_a_clear_hydra_error(compose_cfg):
+    with pytest.raises(MissingConfigException) as err:
+        compose_cfg("stage=nonsense")
+    msg = str(err.value)
+    assert "stage/nonsense" in msg and "sft" in msg  # names the bad choice and the options
+
+
+def _as_multirun(cfg):
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def test_multirun_with_ddp_is_refused(compose_cfg):
+    cfg = _as_multirun(compose_cfg("strategy=ddp"))
+    with pytest.raises(SystemExit, match="ddp_fork"):
+        _check_multirun_strategy(cfg)
+    popen = _as_multirun(compose_cfg("strategy=ddp_fork", "trainer.strategy.start_method=popen"))
+    with pytest.raises(SystemExit, match="multirun"):
+        _check_multirun_strategy(popen)
+    for ok in ("ddp_fork", "ddp_spawn", "auto"):  # no relaunch of the script: allowed
+        _check_multirun_strategy(_as_multirun(compose_cfg(f"strategy={ok}")))
+    _check_multirun_strategy(compose_cfg("strategy=ddp"))  # a single run is fine
+
+
+def test_cli_missing_data_file_is_one_clear_line(tmp_path, tok, tiny_gpt2):
+    pytest.importorskip("lit_rlhf.data.embedded")
+    base = tmp_path / "base"
+    tiny_gpt2(num_layers=1).save_pretrained(base)
+    tok.save_pretrained(base)
+    missing = tmp_path / "no_such_demos.jsonl"
+    env = {**os.environ, "LIT_RLHF_HOME": str(tmp_path), "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "stage=sft",
+            f"data.demonstrations={missing}",
+            f"model.name_or_path={base}",
+            "logger=none",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if str(missing) in ln]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error:") and "does not exist" in errors[0]
+    assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())
