@@ -62,6 +62,8 @@ def compose_cfg(tmp_path, monkeypatch):
     yield make
     ctx.__exit__(None, None, None)
     GlobalHydra.instance().clear()
+    # A leftover HydraConfig would make later tests' run() think it is inside a Hydra job.
+    HydraConfig.instance().cfg = None
 
 
 def test_every_group_has_choices():
@@ -160,6 +162,12 @@ def _as_multirun(cfg):
     return cfg
 
 
+def test_hydra_state_is_cleared_between_tests():
+    # Runs after the compose tests above (file order): the fixture left no HydraConfig behind.
+    assert not HydraConfig.initialized()
+    assert not GlobalHydra.instance().is_initialized()
+
+
 def test_multirun_with_ddp_is_refused(compose_cfg):
     cfg = _as_multirun(compose_cfg("strategy=ddp"))
     with pytest.raises(SystemExit, match="ddp_fork"):
@@ -178,7 +186,12 @@ def test_cli_missing_data_file_is_one_clear_line(tmp_path, tok, tiny_gpt2):
     tiny_gpt2(num_layers=1).save_pretrained(base)
     tok.save_pretrained(base)
     missing = tmp_path / "no_such_demos.jsonl"
-    env = {**os.environ, "LIT_RLHF_HOME": str(tmp_path), "TQDM_DISABLE": "1"}
+    env = {
+        **os.environ,
+        "LIT_RLHF_HOME": str(tmp_path),
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.run(
         [
             sys.executable,

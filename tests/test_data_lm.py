@@ -183,6 +183,12 @@ def test_comparisons_pairwise_and_kwise(tmp_path):
     assert recs[0] == {"prompt": "p", "completions": ["good", "bad"], "ranks": [0, 1]}
     assert recs[1] == {"prompt": "q", "completions": ["a", "b", "c"], "ranks": [1, 0, 1]}
 
+    # An empty sampled response is a legitimate (bad) K-wise candidate: ranked, not refused.
+    empty = _jsonl(
+        tmp_path / "e.jsonl", [{"prompt": "p", "completions": ["a", ""], "ranks": [0, 1]}]
+    )
+    assert read_records(empty, "comparisons")[0]["completions"] == ["a", ""]
+
     mapped = _jsonl(tmp_path / "m.jsonl", [{"q": "p", "win": "good", "lose": "bad"}])
     fields = {"prompt": "q", "chosen": "win", "rejected": "lose"}
     assert read_records(mapped, "comparisons", fields)[0]["completions"] == ["good", "bad"]
@@ -198,7 +204,7 @@ def test_comparisons_pairwise_and_kwise(tmp_path):
         ({"prompt": "p", "completions": ["a", "b"], "ranks": [True, 0]}, "rank 0 is True"),
         ({"prompt": "p", "completions": ["a", "b"], "ranks": [0, -1]}, "rank 1 is -1"),
         ({"prompt": "p", "completions": ["a"], "ranks": [0]}, ">= 2 strings"),
-        ({"prompt": "p", "completions": ["a", ""], "ranks": [0, 1]}, "completion 1 must be"),
+        ({"prompt": "p", "completions": ["a", 3], "ranks": [0, 1]}, "completion 1 must be"),
         ({"prompt": "p", "completions": ["a", "b"]}, "missing field 'ranks'"),
         ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
     ],

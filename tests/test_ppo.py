@@ -26,7 +26,9 @@ def data_files(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Review {i}:"}) + "\n" for i in range(40)))
     text = tmp_path / "text.jsonl"
-    text.write_text("".join(json.dumps({"text": f"a film review number {i}"}) + "\n" for i in range(40)))
+    text.write_text(
+        "".join(json.dumps({"text": f"a film review number {i}"}) + "\n" for i in range(40))
+    )
     return str(prompts), str(text)
 
 
@@ -40,19 +42,40 @@ def _classifier(tok, arch, seed):
 def make_module(tok, arch="gpt2", **kw):
     policy = build_tiny_causal_lm(arch, tokenizer=tok, seed=0, **SMALL)
     ref = build_tiny_causal_lm(arch, tokenizer=tok, seed=0, **SMALL)
-    args = dict(n_rollouts=2, max_new_tokens=6, ppo_epochs=2, num_minibatches=2,
-                micro_batch_size=2, policy_lr=1e-3, value_lr=1e-3)
+    args = dict(
+        n_rollouts=2,
+        max_new_tokens=6,
+        ppo_epochs=2,
+        num_minibatches=2,
+        micro_batch_size=2,
+        policy_lr=1e-3,
+        value_lr=1e-3,
+    )
     args.update(kw)
-    return PPOModule(policy, _classifier(tok, arch, 1), ref, _classifier(tok, arch, 2),
-                     tok.eos_token_id, tok.pad_token_id, **args)
+    return PPOModule(
+        policy,
+        _classifier(tok, arch, 1),
+        ref,
+        _classifier(tok, arch, 2),
+        tok.eos_token_id,
+        tok.pad_token_id,
+        **args,
+    )
 
 
 def fit(module, tok, data_files, ptx_ratio=0.0, ckpt_path=None, seed=0):
     L.seed_everything(seed, verbose=False)
-    dm = PPODataModule(data_files[0], data_files[1] if ptx_ratio else None, batch_size=8,
-                       ptx_ratio=ptx_ratio).connect(tok)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    dm = PPODataModule(
+        data_files[0], data_files[1] if ptx_ratio else None, batch_size=8, ptx_ratio=ptx_ratio
+    ).connect(tok)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer
 
@@ -72,8 +95,12 @@ def test_frozen_models_unchanged_trained_models_move(tok, data_files):
     before = {k: v.clone() for k, v in module.state_dict().items()}
     fit(module, tok, data_files)
     after = module.state_dict()
-    for prefix, should_change in (("ref_model.", False), ("reward_model.", False),
-                                  ("policy.", True), ("value_model.", True)):
+    for prefix, should_change in (
+        ("ref_model.", False),
+        ("reward_model.", False),
+        ("policy.", True),
+        ("value_model.", True),
+    ):
         keys = [k for k in before if k.startswith(prefix) and before[k].is_floating_point()]
         changed = any(not torch.equal(before[k], after[k]) for k in keys)
         assert changed == should_change, prefix
@@ -88,7 +115,9 @@ def test_score_is_read_at_eos_not_at_pad(tok):
     rmask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     ro = Rollout(query, qmask, resp, rmask, torch.tensor([True, True]))
     got = score(rm, ro)
-    alone = sequence_scores(rm, torch.tensor([[10, 11, 20, eos]]), torch.ones(1, 4, dtype=torch.long))
+    alone = sequence_scores(
+        rm, torch.tensor([[10, 11, 20, eos]]), torch.ones(1, 4, dtype=torch.long)
+    )
     assert got[0] == pytest.approx(float(alone[0]), abs=1e-5)
     # A different token in the padded tail does not change the score.
     ro.response_ids = torch.tensor([[20, eos, 99, 98], [21, 22, 23, eos]])
@@ -101,13 +130,19 @@ def test_ptx_gradient_reaches_the_policy(tok, data_files):
     with_ptx = make_module(tok, ptx_coef=5.0)
     fit(with_ptx, tok, data_files, ptx_ratio=1.0)
     assert "ptx/loss" in with_ptx.history[-1]
-    diff = [not torch.equal(a, b) for a, b in zip(base.policy.parameters(), with_ptx.policy.parameters())]
+    diff = [
+        not torch.equal(a, b)
+        for a, b in zip(base.policy.parameters(), with_ptx.policy.parameters())
+    ]
     assert any(diff)
     batch = with_ptx.trainer.datamodule.rollout_batch(0)["ptx"]
     with_ptx.policy.zero_grad()
     with_ptx._ptx_loss(batch).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for n, p in with_ptx.policy.named_parameters() if "wte" in n)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in with_ptx.policy.named_parameters()
+        if "wte" in n
+    )
 
 
 def test_adaptive_kl_coef_moves(tok, data_files):
@@ -127,7 +162,9 @@ def test_checkpoint_leaves_out_frozen_models_and_loads_weights_only(tok, data_fi
     assert ckpt["ppo_state"]["rollouts_done"] == 2
     assert ckpt["ppo_state"]["ema"]["shadow"]
     exported = module.export_model()
-    assert any(not torch.equal(a, b) for a, b in zip(exported.parameters(), module.policy.parameters()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(exported.parameters(), module.policy.parameters())
+    )
 
 
 def test_resume_equals_uninterrupted_run(tok, data_files, tmp_path):

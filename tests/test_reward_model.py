@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lit_rlhf.callbacks.hf_export import MARKER, atomic_output_dir, is_complete_export
 from transformers import AutoModelForSequenceClassification
 
+from lit_rlhf.callbacks.hf_export import MARKER, atomic_output_dir, is_complete_export
 from lit_rlhf.data.comparisons import ComparisonCollator, ComparisonsDataModule, encode_comparisons
 from lit_rlhf.models.heads import BIAS_ATTR, backbone_hidden, fold_reward_bias, sequence_scores
 from lit_rlhf.models.loading import load_sequence_classifier
@@ -290,14 +290,21 @@ def test_training_loss_falls_and_val_acc_rises(tmp_path, tok):
         max_length=48,
     ).tolist()
     ok = n = pos = 0
+    per_prompt = []
     for r in val_recs:
         k = len(r["ranks"])
         s, pos = scores[pos : pos + k], pos + k
+        terms = []
         for i in range(k):
             for j in range(k):
                 if r["ranks"][i] < r["ranks"][j]:
                     n, ok = n + 1, ok + (s[i] > s[j])
+                    terms.append(-F.logsigmoid(torch.tensor(s[i] - s[j])).item())
+        if terms:
+            per_prompt.append(sum(terms) / len(terms))
     assert after["val/acc"] == pytest.approx(ok / n, abs=1e-6)
+    # val/loss is the mean over validation prompts of each prompt's mean pair loss.
+    assert after["val/loss"] == pytest.approx(sum(per_prompt) / len(per_prompt), abs=1e-5)
     path = tmp_path / "rm.ckpt"
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)

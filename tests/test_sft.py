@@ -10,6 +10,8 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import AutoModelForCausalLM
+
 from lit_rlhf.callbacks.hf_export import (
     MARKER,
     HFExportCallback,
@@ -17,8 +19,6 @@ from lit_rlhf.callbacks.hf_export import (
     save_hf_folder,
 )
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
-from transformers import AutoModelForCausalLM
-
 from lit_rlhf.data.lm_datamodule import DemonstrationsDataModule
 from lit_rlhf.data.lm_tokenize import LMCollator, encode_demonstrations
 from lit_rlhf.modules.sft import SFTModule
@@ -90,17 +90,17 @@ def test_training_step_loss_matches_naive(tok, tiny_gpt2):
 
 
 def test_loss_falls_and_val_metrics(tmp_path, tok, tiny_gpt2):
-    path = _demo_file(tmp_path, 8)
-    dm = DemonstrationsDataModule(path, val_source=path, batch_size=8, max_length=64).connect(tok)
+    path = _demo_file(tmp_path, 16)
+    dm = DemonstrationsDataModule(path, val_source=path, batch_size=4, max_length=64).connect(tok)
     module = SFTModule(tiny_gpt2(), lr=1e-2, schedule="constant")
-    trainer = _trainer(tmp_path, max_steps=1, limit_train_batches=1)
+    trainer = _trainer(tmp_path)
     trainer.validate(module, datamodule=dm, verbose=False)
     before = float(trainer.callback_metrics["val/loss"])
     # validate() then fit() on one module: fit's validation must cope with metric states left
     # by validate's inference mode (it once crashed with "Inplace update to inference tensor").
-    trainer = _trainer(tmp_path, max_steps=30, check_val_every_n_epoch=15)
+    trainer = _trainer(tmp_path, max_steps=24, check_val_every_n_epoch=6)
     trainer.fit(module, datamodule=dm)
-    assert trainer.global_step == 30
+    assert trainer.global_step == 24
     trainer.validate(module, datamodule=dm, verbose=False)
     after = float(trainer.callback_metrics["val/loss"])
     assert after < 0.5 * before, (before, after)

@@ -153,7 +153,9 @@ def _comparison(rec: Mapping, f: Mapping[str, str], where: str) -> dict:
     for j, c in enumerate(comps):
         # An empty response is a legitimate (bad) sample of a policy: it is ranked, not refused.
         if not isinstance(c, str):
-            raise DataFormatError(f"{where}: completion {j} must be a string, got {type(c).__name__}")
+            raise DataFormatError(
+                f"{where}: completion {j} must be a string, got {type(c).__name__}"
+            )
     if not isinstance(ranks, list) or len(ranks) != len(comps):
         n = len(ranks) if isinstance(ranks, list) else type(ranks).__name__
         raise DataFormatError(

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+
 from lit_rlhf.data.embedded import EmbeddedWorldConfig, EmbeddedWorldFiles, build_embedded_world
 
 log = logging.getLogger("lit_rlhf")

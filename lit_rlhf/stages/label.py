@@ -15,11 +15,10 @@ import time
 
 from lit_rlhf.callbacks.hf_export import atomic_output_dir
 from lit_rlhf.callbacks.metrics_json import update_metrics_json
-from lit_rlhf.eval.gold import GoldJudge
-from lit_rlhf.eval.labeler import SimulatedLabeler, build_comparisons, pairwise_agreement
-
 from lit_rlhf.data.lm_datamodule import split_train_val
 from lit_rlhf.data.records import read_records
+from lit_rlhf.eval.gold import GoldJudge
+from lit_rlhf.eval.labeler import SimulatedLabeler, build_comparisons, pairwise_agreement
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.sampling import sample_responses
 from lit_rlhf.stages.context import StageContext

@@ -8,7 +8,6 @@ import time
 
 from lit_rlhf.callbacks.hf_export import HFExportCallback
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
-
 from lit_rlhf.data.lm_datamodule import DemonstrationsDataModule, PretrainDataModule
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.tiny import build_tiny_causal_lm

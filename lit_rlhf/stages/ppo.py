@@ -10,7 +10,6 @@ import time
 from lit_rlhf.callbacks.gold_tracking import GoldTrackingCallback
 from lit_rlhf.callbacks.hf_export import HFExportCallback
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
-
 from lit_rlhf.data.ppo_datamodule import PPODataModule
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.ppo import PPOModule

@@ -8,15 +8,15 @@ import os
 import time
 
 import torch
-from lit_rlhf.callbacks.metrics_json import update_metrics_json
-from lit_rlhf.eval.gold import GoldJudge
-from lit_rlhf.eval.stats import mean_ci, win_rate
-from lit_rlhf.modules.reward import score_pairs
 
+from lit_rlhf.callbacks.metrics_json import update_metrics_json
 from lit_rlhf.data.records import read_records
+from lit_rlhf.eval.gold import GoldJudge
 from lit_rlhf.eval.policy_eval import lm_loss_on_texts, sample_with_kl
 from lit_rlhf.eval.report import print_table, write_report
+from lit_rlhf.eval.stats import mean_ci, win_rate
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
+from lit_rlhf.modules.reward import score_pairs
 from lit_rlhf.stages.context import ConfigError, StageContext
 
 log = logging.getLogger("lit_rlhf")

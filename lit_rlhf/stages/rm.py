@@ -15,7 +15,6 @@ import time
 
 from lit_rlhf.callbacks.hf_export import atomic_output_dir
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
-
 from lit_rlhf.data.comparisons import ComparisonsDataModule
 from lit_rlhf.data.records import read_records
 from lit_rlhf.models.heads import fold_reward_bias

@@ -1,0 +1,222 @@
+"""Aggregate the per-process measurements of run_all.py into a summary and a markdown report."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import common
+
+#: Speed-up targets over TRL 1.0.0 (issue 8).
+TARGETS = {
+    ("ppo", "1m"): 3.0,
+    ("ppo", "20m"): 1.3,
+    ("sft", "1m"): 2.0,
+    ("sft", "20m"): 1.3,
+    ("rm", "1m"): 2.0,
+    ("rm", "20m"): 1.3,
+}
+PHASES = ("generation", "scoring", "optimization", "other")
+
+
+def _med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _flops_per_unit(bench: str, size: str) -> float:
+    if bench == "ppo":
+        return common.ppo_iteration_flops(size)["total"]
+    if bench == "sft":
+        return common.sft_step_flops(size)
+    return common.rm_step_flops(size)
+
+
+def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
+    """Pool the steady iterations of every round of one framework."""
+    key = "iter_s" if bench == "ppo" else "step_s"
+    times = [t for r in runs for t in r[key]]
+    med = _med(times)
+    flops = _flops_per_unit(bench, size)
+    out = {
+        "rounds": len(runs),
+        "median_s": med,
+        "per_round_median_s": [_med(r[key]) for r in runs],
+        "n_timed": len(times),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "rss_after_import_mib": _med([r["rss_after_import_mib"] for r in runs]),
+        "rss_after_setup_mib": _med([r["rss_after_setup_mib"] for r in runs]),
+        "gflops": flops / med / 1e9,
+        "share_fp32_peak": flops / med / 1e9 / peaks["fp32"],
+        "share_bf16_peak": flops / med / 1e9 / peaks["bf16"],
+        "max_loadavg": max(max(r.get("loadavg_start", 0), r.get("loadavg_end", 0)) for r in runs),
+        "checks": runs[-1].get("checks", {}),
+    }
+    if bench == "ppo":
+        out["split_median_s"] = {
+            p: _med([t for r in runs for t in r["split_s"][p]]) for p in PHASES
+        }
+        per_phase = common.ppo_iteration_flops(size)
+        out["phase_gflops"] = {
+            p: per_phase[p] / out["split_median_s"][p] / 1e9
+            for p in ("generation", "scoring", "optimization")
+        }
+    elif bench == "sft":
+        out["tokens_per_s"] = common.SFT["batch_size"] * common.SFT["seq_len"] / med
+    else:
+        out["pairs_per_s"] = common.RM["pairs_per_batch"] / med
+        out["tokens_per_s"] = 2 * common.RM["pairs_per_batch"] * common.RM["seq_len"] / med
+    return out
+
+
+def summarize(runs: list[dict], peak_runs: list[dict], sizes, benches) -> dict:
+    good_peaks = [p for p in peak_runs if "error" not in p]
+    peaks = {
+        "fp32": max((p["fp32_gflops"] for p in good_peaks), default=float("nan")),
+        "bf16": max((p["bf16_gflops"] for p in good_peaks), default=float("nan")),
+    }
+    out = {"peak_gflops": peaks, "results": {}, "failed": []}
+    for bench in benches:
+        for size in sizes:
+            entry = {}
+            for fw in ("lit_rlhf", "trl"):
+                mine = [
+                    r for r in runs
+                    if r["bench"] == bench and r["size"] == size and r["framework"] == fw
+                ]
+                ok = [r for r in mine if "error" not in r]
+                out["failed"] += [f"{bench}/{size}/{fw}/r{r['round']}" for r in mine if "error" in r]
+                if ok:
+                    entry[fw] = _side(ok, bench, size, peaks)
+            if "lit_rlhf" in entry and "trl" in entry:
+                ours, theirs = entry["lit_rlhf"], entry["trl"]
+                speedup = theirs["median_s"] / ours["median_s"]
+                rss_ratio = ours["peak_rss_mib"] / theirs["peak_rss_mib"]
+                target = TARGETS[(bench, size)]
+                entry["compare"] = {
+                    "speedup": speedup,
+                    "per_round_speedup": [
+                        t / o for o, t in zip(ours["per_round_median_s"], theirs["per_round_median_s"])
+                    ],
+                    "rss_ratio": rss_ratio,
+                    "target_speedup": target,
+                    "speed_target_met": speedup >= target,
+                    "rss_target_met": rss_ratio <= 1.0 if bench == "ppo" else None,
+                }
+            out["results"][f"{bench}/{size}"] = entry
+    return out
+
+
+def _f(x, fmt="{:.3f}"):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def markdown(data: dict) -> str:
+    s = data["summary"]
+    pk = s["peak_gflops"]
+    m = data["machine"]
+    lines = [
+        "# lit_rlhf vs TRL 1.0.0 — speed benchmarks",
+        "",
+        f"{data['created']} · {m.get('cpu', '?')} · {m.get('cpus')} CPUs · "
+        f"{data['settings']['threads']} torch threads · "
+        f"{'quick' if data['quick'] else 'full'} run, {data['rounds']} alternating round(s) · "
+        f"{data['total_s'] / 60:.1f} min",
+        "",
+        f"Measured matmul peak (same run): **fp32 {pk['fp32']:.0f} GFLOP/s**, "
+        f"**bf16 {pk['bf16']:.0f} GFLOP/s**. All training runs are fp32.",
+        "",
+        "## Summary (speed-up = TRL time / lit_rlhf time, same work)",
+        "",
+        "| bench | size | lit_rlhf | TRL 1.0.0 | speed-up | target | per round | "
+        "peak RSS ours / TRL (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    res = s["results"]
+    for key, entry in res.items():
+        bench, size = key.split("/")
+        if "compare" not in entry:
+            continue
+        c, o, t = entry["compare"], entry["lit_rlhf"], entry["trl"]
+        if bench == "ppo":
+            ov, tv = f"{o['median_s']:.3f} s/iter", f"{t['median_s']:.3f} s/iter"
+        elif bench == "sft":
+            ov, tv = f"{o['tokens_per_s']:.0f} tok/s", f"{t['tokens_per_s']:.0f} tok/s"
+        else:
+            ov, tv = f"{o['pairs_per_s']:.1f} pairs/s", f"{t['pairs_per_s']:.1f} pairs/s"
+        met = "✅" if c["speed_target_met"] else "❌"
+        rounds = ", ".join(f"{x:.2f}×" for x in c["per_round_speedup"])
+        rss = f"{o['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f}"
+        if c["rss_target_met"] is not None:
+            rss += " ✅" if c["rss_target_met"] else " ❌"
+        lines.append(
+            f"| {bench.upper()} | {size} | {ov} | {tv} | **{c['speedup']:.2f}×** | "
+            f"≥ {c['target_speedup']}× {met} | {rounds} | {rss} |"
+        )
+    lines += [
+        "",
+        "## PPO iteration (median seconds; batch 16 prompts × 16 tokens, 24-token responses, "
+        "4 PPO epochs, 1 minibatch)",
+        "",
+        "| size | framework | total | generation | scoring | optimization | other | "
+        "GFLOP/s | % fp32 peak | % bf16 peak | peak RSS MiB | RSS after imports |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, entry in res.items():
+        if not key.startswith("ppo/"):
+            continue
+        for fw in ("lit_rlhf", "trl"):
+            if fw not in entry:
+                continue
+            e = entry[fw]
+            sp = e["split_median_s"]
+            lines.append(
+                f"| {key[4:]} | {fw} | {e['median_s']:.3f} | {sp['generation']:.3f} | "
+                f"{sp['scoring']:.3f} | {sp['optimization']:.3f} | {sp['other']:.3f} | "
+                f"{e['gflops']:.1f} | {100 * e['share_fp32_peak']:.1f} | "
+                f"{100 * e['share_bf16_peak']:.1f} | {e['peak_rss_mib']:.0f} | "
+                f"{e['rss_after_import_mib']:.0f} |"
+            )
+    for bench, unit in (("sft", "tokens/s"), ("rm", "pairs/s")):
+        lines += [
+            "",
+            f"## {bench.upper()} training throughput",
+            "",
+            f"| size | framework | s/step | {unit} | GFLOP/s | % fp32 peak | % bf16 peak | "
+            "peak RSS MiB | RSS after imports |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, entry in res.items():
+            if not key.startswith(bench + "/"):
+                continue
+            for fw in ("lit_rlhf", "trl"):
+                if fw not in entry:
+                    continue
+                e = entry[fw]
+                rate = e["tokens_per_s"] if bench == "sft" else e["pairs_per_s"]
+                lines.append(
+                    f"| {key.split('/')[1]} | {fw} | {e['median_s']:.3f} | {rate:.1f} | "
+                    f"{e['gflops']:.1f} | {100 * e['share_fp32_peak']:.1f} | "
+                    f"{100 * e['share_bf16_peak']:.1f} | {e['peak_rss_mib']:.0f} | "
+                    f"{e['rss_after_import_mib']:.0f} |"
+                )
+    loads = [
+        e[fw]["max_loadavg"] for e in res.values() for fw in ("lit_rlhf", "trl") if fw in e
+    ]
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- Times are medians over the timed iterations of all rounds (warm-up iterations "
+        "dropped); one iteration/step = from the end of the previous one to its own end, "
+        "so every per-step cost of each framework is included.",
+        "- FLOP/s counts the same useful model FLOPs for both frameworks (README, "
+        "\"FLOP accounting\"); a framework doing redundant work shows a lower share.",
+        "- Peak RSS is `ru_maxrss` of each measurement's own process (imports included; "
+        "the after-imports column shows the framework's import footprint).",
+        f"- Highest 1-min load average seen during a measurement: {max(loads, default=0):.1f} "
+        f"on {m.get('cpus')} CPUs (above ~{m.get('cpus', 2) + 0.5} other work was competing "
+        "for the cores and timings are noisy).",
+    ]
+    if s["failed"]:
+        lines.append(f"- Failed measurements: {', '.join(s['failed'])} (see latest.json).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,219 @@
+"""Run every speed benchmark, lit_rlhf against TRL 1.0.0, and write results/latest.{json,md}.
+
+    python benchmarks/run_all.py            # both sizes, 2 alternating rounds (~10-15 min)
+    python benchmarks/run_all.py --quick    # both sizes, 1 round, few iterations (~2-4 min)
+
+Each measurement is its own subprocess (peak RSS per measurement; the frameworks never share
+a process); lit_rlhf runs with this interpreter, TRL with the python of a separate virtualenv
+(created by setup_trl_venv.sh when missing). Rounds alternate ours, TRL, ours, TRL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import report  # noqa: E402
+
+BENCHES = ("ppo", "sft", "rm")
+OURS = {b: common.BENCH_DIR / f"bench_{b}.py" for b in BENCHES}
+THEIRS = {b: common.BENCH_DIR / "trl_side" / f"{b}.py" for b in BENCHES}
+
+#: (warmup, timed) iterations per bench and size; quick mode uses QUICK.
+FULL = {
+    ("ppo", "1m"): (2, 8),
+    ("ppo", "20m"): (2, 4),
+    ("sft", "1m"): (3, 20),
+    ("sft", "20m"): (2, 8),
+    ("rm", "1m"): (3, 20),
+    ("rm", "20m"): (2, 8),
+}
+QUICK = {
+    ("ppo", "1m"): (1, 3),
+    ("ppo", "20m"): (1, 2),
+    ("sft", "1m"): (2, 6),
+    ("sft", "20m"): (1, 3),
+    ("rm", "1m"): (2, 6),
+    ("rm", "20m"): (1, 3),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 round, few iterations")
+    p.add_argument("--sizes", default="1m,20m", help="comma list of " + ",".join(common.SIZES))
+    p.add_argument("--benches", default=",".join(BENCHES), help="comma list of ppo,sft,rm")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (2; quick: 1)")
+    p.add_argument(
+        "--trl-venv",
+        default=os.environ.get("LIT_RLHF_TRL_VENV", str(common.BENCH_DIR / ".trl-venv")),
+        help="virtualenv with trl==1.0.0 (env LIT_RLHF_TRL_VENV; created when missing)",
+    )
+    p.add_argument("--no-trl", action="store_true", help="measure lit_rlhf only")
+    p.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="before each measurement wait (up to --wait-s) until the 1-min load average "
+        "is below this",
+    )
+    p.add_argument("--wait-s", type=float, default=300.0)
+    p.add_argument("--out-dir", default=str(common.RESULTS_DIR))
+    p.add_argument("--timeout", type=float, default=1200.0, help="per measurement, seconds")
+    return p.parse_args()
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(common.THREADS),
+            "MKL_NUM_THREADS": str(common.THREADS),
+            "TOKENIZERS_PARALLELISM": "false",
+            "TRL_EXPERIMENTAL_SILENCE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            # Byte-compile once into our own cache: without it every child re-compiles
+            # torch/transformers/lightning (>10 s per start on this machine).
+            "PYTHONPYCACHEPREFIX": str(common.CACHE_DIR / "pycache"),
+        }
+    )
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def ensure_trl_python(venv: Path) -> Path:
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    script = common.BENCH_DIR / "setup_trl_venv.sh"
+    print(f"[run_all] no TRL virtualenv at {venv}: creating it with {script.name} ...", flush=True)
+    subprocess.run(["bash", str(script), str(venv)], check=True)
+    if not python.exists():
+        raise SystemExit(f"setup_trl_venv.sh did not create {python}")
+    return python
+
+
+def wait_quiet(max_load: float | None, wait_s: float) -> None:
+    if max_load is None:
+        return
+    deadline = time.time() + wait_s
+    while os.getloadavg()[0] > max_load and time.time() < deadline:
+        time.sleep(5)
+
+
+def run_child(cmd: list[str], log: Path, timeout: float, args) -> dict:
+    wait_quiet(args.max_load, args.wait_s)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), timeout=timeout,
+            cwd=common.BENCH_DIR.parent,
+        )
+    elapsed = time.perf_counter() - t0
+    out = Path(cmd[cmd.index("--out") + 1])
+    if proc.returncode != 0 or not out.exists():
+        tail = log.read_text()[-3000:]
+        return {"error": f"exit {proc.returncode}; log {log}:\n{tail}", "process_s": elapsed}
+    result = json.loads(out.read_text())
+    result["process_s"] = elapsed
+    result["loadavg_start"] = load0
+    return result
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def main() -> None:
+    args = parse_args()
+    sizes = [s for s in args.sizes.split(",") if s]
+    benches = [b for b in args.benches.split(",") if b]
+    for s in sizes:
+        if s not in common.SIZES:
+            raise SystemExit(f"--sizes: unknown size {s!r}; use {sorted(common.SIZES)}")
+    for b in benches:
+        if b not in BENCHES:
+            raise SystemExit(f"--benches: unknown bench {b!r}; use {list(BENCHES)}")
+    rounds = args.rounds or (1 if args.quick else 2)
+    plan = QUICK if args.quick else FULL
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = common.CACHE_DIR / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    trl_python = None if args.no_trl else ensure_trl_python(Path(args.trl_venv))
+
+    t_start = time.perf_counter()
+    print("[run_all] building shared artifacts (tokenizer, weights, data) ...", flush=True)
+    artifacts = common.build_artifacts(common.CACHE_DIR / "artifacts")
+
+    def peak(tag: str) -> dict:
+        out = work / f"peak_{tag}.json"
+        cmd = [sys.executable, str(common.BENCH_DIR / "bench_peak.py"), "--out", str(out)]
+        return run_child(cmd, work / f"peak_{tag}.log", args.timeout, args)
+
+    print("[run_all] matmul peak ...", flush=True)
+    peaks = [peak("start")]
+    runs: list[dict] = []
+    for size in sizes:
+        for bench in benches:
+            warmup, iters = plan[(bench, size)]
+            for r in range(rounds):
+                sides = [("lit_rlhf", sys.executable, OURS[bench])]
+                if trl_python is not None:
+                    sides.append(("trl", str(trl_python), THEIRS[bench]))
+                for name, python, script in sides:
+                    tag = f"{bench}_{size}_{name}_r{r}"
+                    out = work / f"{tag}.json"
+                    cmd = [python, str(script), "--size", size, "--artifacts", str(artifacts),
+                           "--warmup", str(warmup), "--iters", str(iters), "--out", str(out)]
+                    print(f"[run_all] {tag} ...", end=" ", flush=True)
+                    res = run_child(cmd, work / f"{tag}.log", args.timeout, args)
+                    res.update({"bench": bench, "size": size, "framework": name, "round": r})
+                    runs.append(res)
+                    print("FAILED" if "error" in res else f"{res['process_s']:.0f}s", flush=True)
+                    if "error" in res:
+                        print(res["error"], file=sys.stderr)
+    peaks.append(peak("end"))
+
+    summary = report.summarize(runs, peaks, sizes, benches)
+    data = {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "quick": args.quick,
+        "rounds": rounds,
+        "plan": {f"{b}/{s}": plan[(b, s)] for b in benches for s in sizes},
+        "machine": machine_info(),
+        "settings": {"threads": common.THREADS, "ppo": common.PPO, "sft": common.SFT,
+                     "rm": common.RM, "sizes": common.SIZES,
+                     "params": {s: common.param_counts(s) for s in sizes}},
+        "peaks": peaks,
+        "summary": summary,
+        "runs": runs,
+        "total_s": time.perf_counter() - t_start,
+    }
+    (out_dir / "latest.json").write_text(json.dumps(data, indent=1))
+    (out_dir / "latest.md").write_text(report.markdown(data))
+    print(report.markdown(data))
+    print(f"[run_all] wrote {out_dir / 'latest.json'} and latest.md "
+          f"in {data['total_s'] / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
