@@ -16,26 +16,19 @@ import common  # noqa: E402
 
 def build(args, n_rollouts: int):
     """The PPOModule, datamodule and tokenizer of the benchmark (shared with profile_ppo.py)."""
-    import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-
     from lit_rlhf.data.ppo_datamodule import PPODataModule
+    from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
     from lit_rlhf.modules.ppo import PPOModule
 
+    # The kit's own loaders (what its stages use), so load-time choices of the kit count.
     art = Path(args.artifacts)
-    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
+    tok = load_tokenizer(str(art / "tokenizer"))
 
     def lm():
-        return AutoModelForCausalLM.from_pretrained(art / args.size / "policy", dtype=torch.float32)
+        return load_causal_lm(str(art / args.size / "policy"), "float32", tokenizer=tok)
 
     def rm():
-        return AutoModelForSequenceClassification.from_pretrained(
-            art / args.size / "rm", dtype=torch.float32
-        )
+        return load_sequence_classifier(str(art / args.size / "rm"), "float32", tokenizer=tok)
 
     s = common.PPO
     module = PPOModule(

@@ -21,9 +21,9 @@ def main() -> None:
     import lightning as L
     import torch
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lit_rlhf.data.comparisons import ComparisonsDataModule
+    from lit_rlhf.models.loading import load_sequence_classifier, load_tokenizer
     from lit_rlhf.modules.reward import RewardModule
 
     transformers.utils.logging.set_verbosity_error()
@@ -31,10 +31,8 @@ def main() -> None:
     art = Path(args.artifacts)
     s = common.RM
     L.seed_everything(0, verbose=False)
-    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        art / args.size / "rm", dtype=torch.float32
-    )
+    tok = load_tokenizer(str(art / "tokenizer"))
+    model = load_sequence_classifier(str(art / args.size / "rm"), "float32", tokenizer=tok)
     # HF Trainer defaults on the TRL side: AdamW betas (0.9, 0.999), linear decay, clip 1.0.
     module = RewardModule(
         model, lr=s["lr"], betas=(0.9, 0.999), schedule="linear", min_lr_ratio=0.0

@@ -21,9 +21,9 @@ def main() -> None:
     import lightning as L
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lit_rlhf.data.lm_datamodule import DemonstrationsDataModule
+    from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
     from lit_rlhf.modules.sft import SFTModule
 
     transformers.utils.logging.set_verbosity_error()
@@ -31,12 +31,10 @@ def main() -> None:
     art = Path(args.artifacts)
     s = common.SFT
     L.seed_everything(0, verbose=False)
-    tok = AutoTokenizer.from_pretrained(art / "tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(art / args.size / "policy", dtype=torch.float32)
+    tok = load_tokenizer(str(art / "tokenizer"))
+    model = load_causal_lm(str(art / args.size / "policy"), "float32", tokenizer=tok)
     # HF Trainer defaults on the TRL side: AdamW betas (0.9, 0.999), linear decay, clip 1.0.
-    module = SFTModule(
-        model, lr=s["lr"], betas=(0.9, 0.999), schedule="linear", min_lr_ratio=0.0
-    )
+    module = SFTModule(model, lr=s["lr"], betas=(0.9, 0.999), schedule="linear", min_lr_ratio=0.0)
     dm = DemonstrationsDataModule(
         str(art / "demos.jsonl"),
         max_length=s["seq_len"],

@@ -173,9 +173,7 @@ def generation_flops(size: str, n_seq: int, prompt_len: int, new_tokens: int) ->
     m = model_dims(size)
     n_layers, d, vocab = m["L"], m["d"], m["V"]
     tokens = prompt_len + new_tokens - 1
-    attn_pairs = prompt_len * prompt_len + sum(
-        prompt_len + i for i in range(1, new_tokens)
-    )
+    attn_pairs = prompt_len * prompt_len + sum(prompt_len + i for i in range(1, new_tokens))
     per_seq = 2 * 12 * n_layers * d * d * tokens + 4 * n_layers * d * attn_pairs
     per_seq += 2 * d * vocab * new_tokens
     return float(n_seq * per_seq)

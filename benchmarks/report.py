@@ -49,8 +49,17 @@ def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
         "share_fp32_peak": flops / med / 1e9 / peaks["fp32"],
         "share_bf16_peak": flops / med / 1e9 / peaks["bf16"],
         "max_loadavg": max(max(r.get("loadavg_start", 0), r.get("loadavg_end", 0)) for r in runs),
+        "max_others_cores": max(r.get("others_cores", float("nan")) for r in runs),
+        "contended_rounds": sum(bool(r.get("contended")) for r in runs),
         "checks": runs[-1].get("checks", {}),
     }
+    gc_s = [
+        r["checks"]["gc_collect_s_per_iter"]
+        for r in runs
+        if "gc_collect_s_per_iter" in r.get("checks", {})
+    ]
+    if gc_s:
+        out["gc_collect_s_per_iter"] = _med(gc_s)
     if bench == "ppo":
         out["split_median_s"] = {
             p: _med([t for r in runs for t in r["split_s"][p]]) for p in PHASES
@@ -80,11 +89,14 @@ def summarize(runs: list[dict], peak_runs: list[dict], sizes, benches) -> dict:
             entry = {}
             for fw in ("lit_rlhf", "trl"):
                 mine = [
-                    r for r in runs
+                    r
+                    for r in runs
                     if r["bench"] == bench and r["size"] == size and r["framework"] == fw
                 ]
                 ok = [r for r in mine if "error" not in r]
-                out["failed"] += [f"{bench}/{size}/{fw}/r{r['round']}" for r in mine if "error" in r]
+                out["failed"] += [
+                    f"{bench}/{size}/{fw}/r{r['round']}" for r in mine if "error" in r
+                ]
                 if ok:
                     entry[fw] = _side(ok, bench, size, peaks)
             if "lit_rlhf" in entry and "trl" in entry:
@@ -95,7 +107,8 @@ def summarize(runs: list[dict], peak_runs: list[dict], sizes, benches) -> dict:
                 entry["compare"] = {
                     "speedup": speedup,
                     "per_round_speedup": [
-                        t / o for o, t in zip(ours["per_round_median_s"], theirs["per_round_median_s"])
+                        t / o
+                        for o, t in zip(ours["per_round_median_s"], theirs["per_round_median_s"])
                     ],
                     "rss_ratio": rss_ratio,
                     "target_speedup": target,
@@ -199,9 +212,12 @@ def markdown(data: dict) -> str:
                     f"{100 * e['share_bf16_peak']:.1f} | {e['peak_rss_mib']:.0f} | "
                     f"{e['rss_after_import_mib']:.0f} |"
                 )
-    loads = [
-        e[fw]["max_loadavg"] for e in res.values() for fw in ("lit_rlhf", "trl") if fw in e
+    others = [
+        e[fw]["max_others_cores"] for e in res.values() for fw in ("lit_rlhf", "trl") if fw in e
     ]
+    contended = sum(
+        e[fw]["contended_rounds"] for e in res.values() for fw in ("lit_rlhf", "trl") if fw in e
+    )
     lines += [
         "",
         "## Notes",
@@ -210,13 +226,48 @@ def markdown(data: dict) -> str:
         "dropped); one iteration/step = from the end of the previous one to its own end, "
         "so every per-step cost of each framework is included.",
         "- FLOP/s counts the same useful model FLOPs for both frameworks (README, "
-        "\"FLOP accounting\"); a framework doing redundant work shows a lower share.",
+        '"FLOP accounting"); a framework doing redundant work shows a lower share.',
         "- Peak RSS is `ru_maxrss` of each measurement's own process (imports included; "
         "the after-imports column shows the framework's import footprint).",
-        f"- Highest 1-min load average seen during a measurement: {max(loads, default=0):.1f} "
-        f"on {m.get('cpus')} CPUs (above ~{m.get('cpus', 2) + 0.5} other work was competing "
-        "for the cores and timings are noisy).",
+        f"- Other processes kept at most {max(others, default=float('nan')):.2f} CPU cores busy "
+        f"during a kept measurement; {contended} kept measurement(s) were still contended "
+        "after retries. With 2 torch threads on 2 cores any other busy process slows "
+        "iterations by 2-50x; run-to-run spread on a quiet machine is about +-10 %.",
     ]
+    gcs = {
+        k: e["trl"]["gc_collect_s_per_iter"]
+        for k, e in res.items()
+        if "trl" in e and "gc_collect_s_per_iter" in e["trl"]
+    }
+    if gcs:
+        lines.append(
+            "- TRL's PPO calls `gc.collect()` twice per iteration: "
+            + ", ".join(f"{v:.3f} s/iter at {k.split('/')[1]}" for k, v in gcs.items())
+            + " (inside its scoring and other columns)."
+        )
+    if pk["bf16"] < pk["fp32"]:
+        lines.append(
+            f"- bf16 matmuls run at only {pk['bf16']:.1f} GFLOP/s here, below fp32: this CPU "
+            "has no bf16 matrix units and torch falls back to a slow path, so the "
+            '"% bf16 peak" columns exceed 100 % and mean nothing on this machine.'
+        )
     if s["failed"]:
         lines.append(f"- Failed measurements: {', '.join(s['failed'])} (see latest.json).")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else common.RESULTS_DIR / "latest.json")
+    data = json.loads(src.read_text())
+    data["summary"] = summarize(
+        data["runs"],
+        data["peaks"],
+        list(data["settings"]["sizes"]),
+        sorted({r["bench"] for r in data["runs"]}, key=["ppo", "sft", "rm"].index),
+    )
+    src.with_suffix(".md").write_text(markdown(data))
+    print(f"rewrote {src.with_suffix('.md')}")

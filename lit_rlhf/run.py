@@ -54,25 +54,22 @@ register_resolvers()
 
 def runners() -> dict[str, Callable[[StageContext, str], str]]:
     """Stage name -> runner function."""
+    from lit_rlhf.stages.label import run_label
     from lit_rlhf.stages.lm import run_pretrain, run_sft
+    from lit_rlhf.stages.ppo import run_ppo
+    from lit_rlhf.stages.report import run_eval, run_pipeline
+    from lit_rlhf.stages.rm import run_rm
 
-    table = {"pretrain": run_pretrain, "sft": run_sft}
-    try:
-        from lit_rlhf.stages.label import run_label
-        from lit_rlhf.stages.ppo import run_ppo
-        from lit_rlhf.stages.report import run_eval, run_pipeline
-        from lit_rlhf.stages.rm import run_rm
-
-        table.update(
-            label=run_label,
-            rm=run_rm,
-            ppo=run_ppo,
-            ppo_ptx=run_ppo,
-            eval=run_eval,
-            pipeline=run_pipeline,
-        )
-    except ImportError:  # pragma: no cover - stages not yet available in partial installs
-        pass
+    table = {
+        "pretrain": run_pretrain,
+        "sft": run_sft,
+        "label": run_label,
+        "rm": run_rm,
+        "ppo": run_ppo,
+        "ppo_ptx": run_ppo,
+        "eval": run_eval,
+        "pipeline": run_pipeline,
+    }
     return table
 
 

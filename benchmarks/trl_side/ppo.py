@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -89,6 +90,22 @@ def main() -> None:
         return orig_forward(model, *a, **k)
 
     ppo_mod.batch_generation, ppo_mod.forward = timed_generation, timed_forward
+
+    # TRL calls gc.collect() twice per iteration (end of scoring, end of iteration); its cost
+    # is part of TRL's iteration and is reported separately for the reader.
+    gc_time = [0.0, 0]
+    orig_collect = ppo_mod.gc.collect
+
+    def timed_collect(*a, **k):
+        t = time.perf_counter()
+        try:
+            return orig_collect(*a, **k)
+        finally:
+            gc_time[0] += time.perf_counter() - t
+            gc_time[1] += 1
+
+    # The trainer module uses only gc.collect.
+    ppo_mod.gc = types.SimpleNamespace(collect=timed_collect)
 
     clock = common.StepClock()
 
@@ -170,6 +187,8 @@ def main() -> None:
             "threads_in_run": torch.get_num_threads(),
             "optimizer": type(trainer.optimizer.optimizer).__name__,
             "optimizer_fused": bool(trainer.optimizer.optimizer.defaults.get("fused")),
+            "gc_collect_calls": gc_time[1],
+            "gc_collect_s_per_iter": gc_time[0] / max(1, len(ends)),
         }
     )
     common.write_result(

@@ -59,6 +59,8 @@ def tiny_config(
             resid_pdrop=dropout,
             embd_pdrop=dropout,
             attn_pdrop=dropout,
+            # GPT-2's tanh GELU as one fused kernel (same function as "gelu_new").
+            activation_function="gelu_pytorch_tanh",
             **special,
         )
     if arch == "llama":

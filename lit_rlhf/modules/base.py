@@ -34,7 +34,23 @@ def build_optimizer(
     """Use ``factory(params)`` when given, else AdamW with the given settings."""
     if factory is not None:
         return factory(params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    return adamw(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where it applies (one kernel for all tensors).
+
+    The fused implementation computes the same update as the default ``foreach`` one (up to
+    float rounding) and is markedly faster on small models, where the optimizer step is
+    overhead-bound. Sharded (DTensor) or exotic-device parameters keep the default.
+    """
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fusable = bool(tensors) and all(
+        type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+        for p in tensors
+    )
+    return torch.optim.AdamW(params, fused=fusable or None, **kwargs)
 
 
 def build_scheduler(

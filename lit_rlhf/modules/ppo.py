@@ -18,6 +18,7 @@ import torch
 from lit_rlhf.modules.base import (
     ModelOrFactory,
     OptimizerFactory,
+    adamw,
     build_scheduler,
     freeze,
     materialize,
@@ -364,7 +365,7 @@ class PPOModule(L.LightningModule):
         if self.optimizer_factory is not None:
             opt = self.optimizer_factory(groups)
         else:
-            opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, eps=hp.adam_eps)
+            opt = adamw(groups, weight_decay=hp.weight_decay, eps=hp.adam_eps)
         total = hp.n_rollouts * hp.ppo_epochs * hp.num_minibatches
         sched = build_scheduler(
             opt, total, hp.schedule, hp.warmup_steps, 1.0, hp.warmup_start_ratio

@@ -74,6 +74,11 @@ class SFTModule(L.LightningModule):
         self.log("train/tokens", n_tokens.float(), reduce_fx="sum", on_step=False, on_epoch=True)
         return loss
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns eval-mode models and Lightning keeps the mode it finds:
+        # switch to train mode so sft.dropout acts while training.
+        self.model.train()
+
     def on_validation_epoch_start(self) -> None:
         # A standalone trainer.validate() runs under inference_mode, so the states its epoch-end
         # reset leaves are inference tensors that fit's (no_grad) validation cannot update in
