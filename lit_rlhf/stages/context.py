@@ -45,6 +45,17 @@ UPSTREAM = {
     "ppo": ("sft", "rm"),
     "ppo_ptx": ("sft", "rm"),
 }
+#: stage -> ``data.<key>`` sources it reads (besides ``embedded`` and ``fields``, which every
+#: stage's defaults depend on). Upstream data reaches a stage through upstream fingerprints, so
+#: e.g. new comparisons retrain the RM and PPO but reuse pretrain and SFT.
+STAGE_DATA = {
+    "pretrain": ("pretrain", "pretrain_val"),
+    "sft": ("demonstrations", "demonstrations_val"),
+    "label": ("comparison_prompts",),
+    "rm": ("comparisons", "comparisons_val", "demonstrations"),
+    "ppo": ("prompts",),
+    "ppo_ptx": ("prompts", "pretrain"),
+}
 #: Keys that never change a stage's result (where things go, how often to log).
 _NEUTRAL = {"export_dir", "log_every_n_steps", "progress", "enable_checkpointing"}
 
@@ -136,7 +147,9 @@ class StageContext:
             for key in STAGE_SETTINGS[stage]:
                 section = self.cfg.get(key) or {}
                 parts[key] = {k: v for k, v in section.items() if k not in _NEUTRAL}
-            parts["data"] = {k: v for k, v in self.cfg["data"].items()}
+            data = self.cfg["data"]
+            keys = ("embedded", "fields", *STAGE_DATA[stage])
+            parts["data"] = {k: data.get(k) for k in keys}
             if stage in ("ppo", "ppo_ptx"):
                 # ptx.enabled only selects which of the two PPO stages runs.
                 ptx = dict(parts["ppo"].get("ptx") or {})

@@ -10,6 +10,7 @@ import time
 import torch
 
 from lit_rlhf.callbacks.metrics_json import update_metrics_json
+from lit_rlhf.data.comparisons import read_comparisons_with_gold
 from lit_rlhf.data.records import read_records
 from lit_rlhf.eval.gold import GoldJudge
 from lit_rlhf.eval.policy_eval import lm_loss_on_texts, sample_with_kl
@@ -37,11 +38,12 @@ def _rm_accuracy(ctx: StageContext, rm_path: str, tokenizer, metrics: dict) -> N
     """Held-out pairwise accuracy of the RM against the labels and against gold."""
     ecfg = ctx.cfg["eval"]
     source = ctx.cfg["data"].get("comparisons_val")
+    fields = ctx.fields if source else {}
     if not source:
         if ctx.cfg["data"].get("comparisons"):
             return
         source = os.path.join(ctx.require("label"), "comparisons_val.jsonl")
-    raw = [json.loads(line) for line in open(source, encoding="utf-8") if line.strip()]
+    raw = read_comparisons_with_gold(source, fields)
     rm = load_sequence_classifier(rm_path, "float32", 0.0, tokenizer)
     prompts = [r["prompt"] for r in raw for _ in r["completions"]]
     comps = [c for r in raw for c in r["completions"]]

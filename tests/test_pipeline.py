@@ -1,0 +1,135 @@
+"""The main job end to end on shrunken sizes: every stage, the report, reuse, errors, sweeps.
+
+Each test launches ``train.py`` in a subprocess, the way users run it. One pipeline run (module
+fixture) builds every stage's export under a temporary ``LIT_RLHF_HOME``; later tests reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ("base", "sft", "ppo", "ppo_ptx")
+
+
+def train(home: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python train.py <overrides>`` with all outputs under ``home``."""
+    env = {**os.environ, "LIT_RLHF_HOME": str(home), "OMP_NUM_THREADS": "2"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        cwd=home,  # outputs must follow the config, never the working directory
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """``(home, run_dir, completed process)`` of ``python train.py debug=fast``."""
+    home = tmp_path_factory.mktemp("home")
+    run_dir = home / "run"
+    proc = train(home, "debug=fast", f"hydra.run.dir={run_dir}")
+    _check(proc)
+    return home, run_dir, proc
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_reports_finite_numbers(pipeline):
+    home, run_dir, proc = pipeline
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    keys = [f"eval/{p}/{m}" for p in POLICIES for m in ("gold", "gold_lo", "gold_hi", "lm_loss")]
+    keys += [f"eval/{p}/kl_to_sft" for p in POLICIES]
+    keys += [f"eval/{p}/win_rate_vs_sft" for p in ("ppo", "ppo_ptx")]
+    # (acc_gold needs gold pairs that differ; a few-step debug policy may score all 0)
+    keys += ["eval/rm/acc_labels", "pipeline/seconds_total"]
+    for key in keys:
+        assert key in metrics, key
+        assert math.isfinite(metrics[key]), (key, metrics[key])
+    assert metrics["eval/sft/gold_lo"] <= metrics["eval/sft/gold"] <= metrics["eval/sft/gold_hi"]
+    assert 0.0 <= metrics["eval/ppo/win_rate_vs_sft"] <= 1.0
+    assert abs(metrics["eval/sft/kl_to_sft"]) < 1e-4  # the reference against itself
+    report = (run_dir / "report.md").read_text()
+    for policy in POLICIES:
+        assert policy in report
+    pngs = sorted(p.name for p in run_dir.glob("*.png"))
+    assert pngs, "the report's plots are missing"
+    for png in pngs:
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every stage exported into the configured folder, none into the working directory.
+    exports = {p.name.split("-")[0] for p in (home / "exports").iterdir()}
+    assert {"pretrain", "sft", "label", "rm", "ppo", "ppo_ptx"} <= exports
+    assert not (home / "outputs").exists() and not (home / "lightning_logs").exists()
+
+
+@pytest.mark.slow
+def test_existing_outputs_are_reused(pipeline):
+    home, _, _ = pipeline
+    before = {p.name: p.stat().st_mtime_ns for p in (home / "exports").iterdir()}
+    proc = train(home, "debug=fast", "stage=ppo", f"hydra.run.dir={home / 'run_ppo'}")
+    _check(proc)
+    log = proc.stdout + proc.stderr
+    for stage in ("sft", "rm"):
+        assert f"[{stage}] reusing existing output" in log
+    after = {p.name: p.stat().st_mtime_ns for p in (home / "exports").iterdir()}
+    for name, stamp in before.items():
+        if not name.startswith("ppo"):
+            assert after[name] == stamp, f"{name} was rebuilt"
+
+
+def test_missing_user_input_names_the_stage_that_makes_it(tmp_path):
+    proc = train(
+        tmp_path,
+        "stage=ppo",
+        "debug=fast",
+        f"ppo.policy_path={tmp_path / 'no_sft'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    assert "ppo.policy_path" in err[-1] and "stage=sft" in err[-1]
+    assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())
+
+
+def test_impossible_ppo_config_fails_before_building_anything(tmp_path):
+    proc = train(
+        tmp_path, "stage=ppo", "ppo.kl_coef=-0.1", f"hydra.run.dir={tmp_path / 'r'}", timeout=120
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "ppo.kl_coef" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "data").exists()  # validated before generating any data
+
+
+@pytest.mark.slow
+def test_kl_sweep_on_two_tiny_jobs_ends_with_one_plot(pipeline):
+    home, _, _ = pipeline
+    sweep_dir = home / "sweep"
+    proc = train(
+        home,
+        "-m",
+        "experiment=kl_sweep",
+        "debug=fast",
+        "ppo.kl_coef=0.0,0.5",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    _check(proc)
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert len(summary["jobs"]) == 2
+    for job in summary["jobs"]:
+        assert math.isfinite(job["x"]) and math.isfinite(job["y"])
+    assert (sweep_dir / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
