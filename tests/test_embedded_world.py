@@ -138,8 +138,9 @@ def test_demonstrations_follow_instructions_imperfectly():
         ideal.append(judge.score(prompt, W.sample_ideal_response(rng, sign, aspect)))
         text = W.sample_pretraining_text(rng, cfg).split(W.RESPONSE_CUE)[-1]
         base.append(judge.score(prompt, " " + text.strip()))
-    assert 0.4 < statistics.mean(demo) < 0.7  # clearly above chance ...
+    assert 0.6 < statistics.mean(demo) < 1.0  # clearly above chance ...
     assert statistics.mean(ideal) > 1.15 and min(ideal) > 1.0  # ... with room above
+    assert statistics.mean(ideal) - statistics.mean(demo) > 0.25
     assert sum(d >= 1.15 for d in demo) / len(demo) < 0.15
     assert abs(statistics.mean(base)) < 0.12  # pretraining text ignores the instruction
 

@@ -37,7 +37,7 @@ from lit_rlhf.data.records import write_jsonl
 log = logging.getLogger("lit_rlhf")
 
 # Bump when the generators change, so folders of an older world are not reused.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _JSONL = (
     "pretrain_train",
     "pretrain_val",
@@ -68,7 +68,11 @@ class EmbeddedWorldConfig:
         eval_heldout_aspect_prob: Chance that an eval prompt asks about a held-out aspect.
         eval_heldout_phrasing_prob: Chance that an eval prompt uses a held-out phrasing.
         demo_match_prob: Chance that an extra demonstration sentence keeps the requested
-            sentiment (otherwise it drifts to the opposite one).
+            sentiment (otherwise it drifts to the opposite one). At 0.8 the SFT policy's
+            samples mostly stay on sentiment, so "more, stronger sentiment" already predicts
+            gold without reading the instruction: a first-order signal a ~1M-parameter reward
+            model can learn from ~5k ranked responses. At 0.5 the pairs carry only the
+            instruction-times-sentiment interaction and the tiny RM stays at chance.
         demo_min_extra: Fewest extra sentences after a demonstration's first one.
         demo_max_extra: Most extra sentences after a demonstration's first one.
         demo_max_words: Word limit of a demonstration.
@@ -83,13 +87,13 @@ class EmbeddedWorldConfig:
     n_demos_train: int = 2500
     n_demos_val: int = 200
     n_ppo_prompts: int = 2000
-    n_comparison_prompts: int = 800
+    n_comparison_prompts: int = 3000
     n_eval_prompts: int = 256
     heldout_aspects: tuple[str, ...] = ("costumes", "scenery")
     heldout_phrasings: tuple[str, ...] = ("we_saw", "topic_first")
     eval_heldout_aspect_prob: float = 0.25
     eval_heldout_phrasing_prob: float = 0.25
-    demo_match_prob: float = 0.5
+    demo_match_prob: float = 0.8
     demo_min_extra: int = 1
     demo_max_extra: int = 3
     demo_max_words: int = 28

@@ -88,13 +88,17 @@ class StageContext:
     _fingerprints: dict[str, str] = field(default_factory=dict)
 
     # -- data ---------------------------------------------------------------------------
+    def world_config(self) -> EmbeddedWorldConfig:
+        """The embedded world's settings (``data.embedded`` over the dataclass defaults)."""
+        try:
+            return EmbeddedWorldConfig(**dict(self.cfg["data"].get("embedded") or {}))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"data.embedded: {err}") from None
+
     def world(self) -> EmbeddedWorldFiles:
         """The embedded review world's files (generated on first use, then reused)."""
         if self._world is None:
-            emb = dict(self.cfg["data"].get("embedded") or {})
-            self._world = build_embedded_world(
-                EmbeddedWorldConfig(**emb), self.cfg["paths"]["data_dir"]
-            )
+            self._world = build_embedded_world(self.world_config(), self.cfg["paths"]["data_dir"])
         return self._world
 
     def data_source(self, key: str) -> str:
@@ -148,8 +152,10 @@ class StageContext:
                 section = self.cfg.get(key) or {}
                 parts[key] = {k: v for k, v in section.items() if k not in _NEUTRAL}
             data = self.cfg["data"]
-            keys = ("embedded", "fields", *STAGE_DATA[stage])
-            parts["data"] = {k: data.get(k) for k in keys}
+            parts["data"] = {k: data.get(k) for k in ("fields", *STAGE_DATA[stage])}
+            # The world's fingerprint covers every field (defaults and generator version
+            # included), not just the keys the YAML happens to set.
+            parts["data"]["embedded"] = self.world_config().fingerprint()
             if stage in ("ppo", "ppo_ptx"):
                 # ptx.enabled only selects which of the two PPO stages runs.
                 ptx = dict(parts["ppo"].get("ptx") or {})
