@@ -19,9 +19,12 @@ from lit_rlhf.run import main as run_main  # noqa: E402  (after LIT_RLHF_HOME is
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point; all work happens in :func:`lit_rlhf.run.main`."""
-    run_main(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; all work happens in :func:`lit_rlhf.run.main`.
+
+    Returns the run's ``optimized_metric`` (when set), the objective of Optuna searches.
+    """
+    return run_main(cfg)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import shutil
 import tempfile
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger("lit_rlhf")
 
@@ -65,7 +64,10 @@ def is_complete_export(path: str | None) -> bool:
 
 
 class HFExportCallback(L.Callback):
-    """At the end of ``fit``, save ``pl_module.export_model()`` and the tokenizer.
+    """At the end of ``fit``, save the module's export model and the tokenizer.
+
+    Every rank takes part: under FSDP2 the full weights are gathered for rank 0 (the module's
+    ``gathered_export_model``), which writes the folder; the others wait until it exists.
 
     Args:
         export_dir: Destination folder (replaced atomically).
@@ -77,12 +79,9 @@ class HFExportCallback(L.Callback):
         self.export_dir, self.tokenizer, self.info = export_dir, tokenizer, info or {}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.export_model()
-        if getattr(trainer.strategy, "world_size", 1) > 1:
-            # Sharded models must be gathered by every rank; DDP copies are identical.
-            trainer.strategy.barrier()
-        self._save(model)
-
-    @rank_zero_only
-    def _save(self, model) -> None:
-        save_hf_folder(model, self.tokenizer, self.export_dir, self.info)
+        gather = getattr(pl_module, "gathered_export_model", None)
+        model = gather() if gather is not None else pl_module.export_model()
+        if trainer.is_global_zero and model is not None:
+            save_hf_folder(model, self.tokenizer, self.export_dir, self.info)
+        # Later stages read the folder right after fit returns, on every rank.
+        trainer.strategy.barrier("hf_export")

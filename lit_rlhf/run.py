@@ -73,6 +73,11 @@ def runners() -> dict[str, Callable[[StageContext, str], str]]:
     return table
 
 
+#: Strategies whose processes come from re-running the script (Lightning's subprocess
+#: launcher): under ``-m`` every rank would re-run the whole sweep.
+_RELAUNCHING = ("ModelParallelStrategy", "FSDP2Strategy", "DeepSpeedStrategy")
+
+
 def _check_multirun_strategy(cfg: DictConfig) -> None:
     try:
         mode = HydraConfig.get().mode
@@ -80,17 +85,22 @@ def _check_multirun_strategy(cfg: DictConfig) -> None:
         return
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str):
-        relaunches = strategy == "ddp" or strategy.startswith("ddp_find_unused_parameters")
+        relaunches = strategy == "ddp" or strategy.startswith(
+            ("ddp_find_unused_parameters", "fsdp", "deepspeed")
+        )
     else:
         # ddp_fork/ddp_spawn are DDPStrategy too; only the default "popen" start relaunches.
         target = str((strategy or {}).get("_target_", ""))
         start = (strategy or {}).get("start_method") or "popen"
-        relaunches = target.endswith("DDPStrategy") and start == "popen"
+        relaunches = (target.endswith("DDPStrategy") and start == "popen") or target.endswith(
+            _RELAUNCHING
+        )
     if mode == RunMode.MULTIRUN and relaunches:
         raise SystemExit(
-            "refusing `-m` (multirun) with strategy=ddp: Lightning relaunches every rank as a "
-            "new process that would re-run the whole sweep. Use strategy=ddp_fork (CPU) or "
-            "strategy=ddp_spawn, or launch one job per sweep point with torchrun/SLURM."
+            "refusing `-m` (multirun) with a strategy that relaunches the script per rank "
+            "(ddp, fsdp, deepspeed): every rank would re-run the whole sweep. Use "
+            "strategy=ddp_fork (CPU) or strategy=ddp_spawn, or launch one job per sweep point "
+            "with torchrun/SLURM."
         )
 
 
@@ -129,10 +139,7 @@ def run(cfg: DictConfig) -> str:
     _check_multirun_strategy(cfg)
     _quiet_transformers()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    try:
-        run_dir = HydraConfig.get().runtime.output_dir
-    except ValueError:
-        run_dir = cfg.paths.output_dir
+    run_dir = _run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     table = runners()
@@ -149,8 +156,13 @@ def run(cfg: DictConfig) -> str:
     return out
 
 
-def main(cfg: DictConfig) -> None:
-    """Entry point used by ``train.py``."""
+def main(cfg: DictConfig) -> float | None:
+    """Entry point used by ``train.py``.
+
+    Returns:
+        The value of ``cfg.optimized_metric`` when it is set (what Hydra's Optuna sweeper
+        optimizes), read from the run's ``metrics.json``; None otherwise.
+    """
     from lit_rlhf.data.records import DataFormatError
     from lit_rlhf.models.loading import ModelLoadError
     from lit_rlhf.stages.context import ConfigError, MissingInputError
@@ -160,6 +172,42 @@ def main(cfg: DictConfig) -> None:
     except (DataFormatError, ModelLoadError, MissingInputError, ConfigError) as err:
         log.error("%s", err)
         raise SystemExit(f"error: {err}") from None
+    name = cfg.get("optimized_metric")
+    return read_run_metric(_run_dir(cfg), name) if name else None
+
+
+def _run_dir(cfg: DictConfig) -> str:
+    try:
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:
+        return cfg.paths.output_dir
+
+
+def read_run_metric(run_dir: str, name: str) -> float:
+    """A metric of a finished run: ``<run_dir>/metrics.json``, else a stage folder's one.
+
+    Single stages and the pipeline's final summary write ``<run_dir>/metrics.json``; inside
+    the pipeline each training stage also writes ``<run_dir>/<stage>/metrics.json``.
+
+    Raises:
+        SystemExit: When no metrics.json of the run holds ``name`` (a config error, e.g. a
+            metric the selected stage never logs).
+    """
+    import glob
+    import json
+
+    paths = [os.path.join(run_dir, "metrics.json")]
+    paths += sorted(glob.glob(os.path.join(run_dir, "*", "metrics.json")))
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path) as fh:
+                metrics = json.load(fh)
+            if name in metrics:
+                return float(metrics[name])
+    raise SystemExit(
+        f"error: optimized_metric {name!r} is in no metrics.json under {run_dir}; "
+        "choose a metric the selected stage writes"
+    )
 
 
 class SweepSummary(Callback):

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 #: Choices whose Trainer needs hardware this CPU-only test machine lacks.
 NEEDS_GPU = {("trainer", "gpu"), ("trainer", "multinode")}
+#: Choices whose strategy needs the deepspeed package (GPU only; not installed here).
+NEEDS_DEEPSPEED = {("strategy", "deepspeed")}
 
 
 def _choices() -> list[tuple[str, str]]:
@@ -110,6 +112,9 @@ def test_every_yaml_composes(compose_cfg, tmp_path, group, choice):
 
     if (group, choice) in NEEDS_GPU and not torch.cuda.is_available():
         assert cfg.trainer.accelerator == "gpu"
+        return
+    if (group, choice) in NEEDS_DEEPSPEED and importlib.util.find_spec("deepspeed") is None:
+        assert cfg.trainer.strategy._target_.endswith("DeepSpeedStrategy")
         return
     make_trainer = make_trainer_factory(cfg)
     trainer = make_trainer(str(tmp_path / "stage"), {"max_steps": 3, "lr": 0.1})

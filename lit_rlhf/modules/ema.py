@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class WeightEMA:
@@ -37,11 +38,28 @@ class WeightEMA:
         clone.load_state_dict(self.shadow, strict=False)
         return clone
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, unsharded (every rank must call it under FSDP2: it gathers)."""
+        return {k: _full(v) for k, v in self.shadow.items()}
 
+    def state_dict(self) -> dict:
+        # Full tensors, so a checkpoint holds the whole average whatever the sharding.
+        return {"decay": self.decay, "shadow": self.full_state_dict()}
+
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         self.decay = float(state["decay"])
         for k, v in state["shadow"].items():
             if k in self.shadow:
-                self.shadow[k].copy_(v)
+                target = self.shadow[k]
+                if isinstance(target, DTensor) and not isinstance(v, DTensor):
+                    # A full tensor from a checkpoint into a sharded average: keep this
+                    # rank's shard.
+                    v = distribute_tensor(
+                        v.to(target.device, target.dtype), target.device_mesh, target.placements
+                    )
+                target.copy_(v)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

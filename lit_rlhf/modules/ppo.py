@@ -8,7 +8,6 @@ shard with the module, but left out of checkpoints: they are rebuilt from their 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
 
@@ -24,6 +23,8 @@ from lit_rlhf.modules.base import (
     materialize,
 )
 from lit_rlhf.modules.ema import WeightEMA
+from lit_rlhf.modules.ppo_hooks import PPOHooksMixin
+from lit_rlhf.modules.sharding import ShardedModelsMixin
 from lit_rlhf.ops.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from lit_rlhf.ops.lm_loss import lm_loss
 from lit_rlhf.ops.masking import masked_mean, masked_whiten
@@ -38,10 +39,8 @@ from lit_rlhf.ops.ppo import (
 from lit_rlhf.ops.scores import apply_missing_eos_rule, scale_and_clip
 from lit_rlhf.rollout import Rollout, generate, response_logprobs, response_values, score
 
-_FROZEN = ("ref_model.", "reward_model.")
 
-
-class PPOModule(L.LightningModule):
+class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
     """PPO with a per-token KL penalty to the reference policy, optionally with ptx.
 
     Use with :class:`~lit_rlhf.data.ppo_datamodule.PPODataModule` (the module fetches the
@@ -87,8 +86,14 @@ class PPOModule(L.LightningModule):
         ptx_reduction: ``token_mean`` (per-token mean NLL over the ptx micro-batch) or
             ``sequence_sum``; gamma's meaning depends on it.
         ema_decay: EMA of the policy weights for evaluation/export (InstructGPT 0.992).
-        synced_gpus: Generate with ``synced_gpus`` (sharded strategies).
+        synced_gpus: Generate with ``synced_gpus``: every rank keeps running forwards until the
+            longest response of all ranks ends. None: on whenever there are several ranks
+            (sharded models gather weights in every forward, so a rank that stopped early would
+            deadlock the others); under FSDP2/DeepSpeed it is always on.
     """
+
+    sharded_attrs = ("policy", "value_model", "ref_model", "reward_model")
+    frozen_attrs = ("ref_model", "reward_model")
 
     def __init__(
         self,
@@ -130,7 +135,7 @@ class PPOModule(L.LightningModule):
         ptx_coef: float = 0.0,
         ptx_reduction: str = "token_mean",
         ema_decay: float | None = None,
-        synced_gpus: bool = False,
+        synced_gpus: bool | None = None,
     ) -> None:
         super().__init__()
         if kl_coef < 0:
@@ -180,7 +185,7 @@ class PPOModule(L.LightningModule):
             hp.temperature,
             hp.eos_token_id,
             hp.pad_token_id,
-            hp.synced_gpus,
+            self.synced_generation,
         )
         mask = ro.response_mask
 
@@ -338,15 +343,6 @@ class PPOModule(L.LightningModule):
         ).logits
         return lm_loss(logits, batch["input_ids"], batch["loss_mask"], self.hparams.ptx_reduction)
 
-    def _no_sync(self, skip: bool):
-        """Skip the gradient all-reduce on non-boundary micro-steps (DDP / FSDP2)."""
-        if not skip or self.trainer.world_size == 1:
-            return contextlib.nullcontext()
-        block = getattr(self.trainer.strategy, "block_backward_sync", None)
-        if block is not None and hasattr(self.trainer.strategy.model, "no_sync"):
-            return block()
-        return _fsdp2_no_sync([self.policy, self.value_model])
-
     # ---------------------------------------------------------------- optimizer
     def configure_optimizers(self):
         hp = self.hparams
@@ -371,52 +367,3 @@ class PPOModule(L.LightningModule):
             opt, total, hp.schedule, hp.warmup_steps, 1.0, hp.warmup_start_ratio
         )
         return [opt], [{"scheduler": sched, "interval": "step"}]
-
-    # ---------------------------------------------------------------- checkpoints / export
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        sd = checkpoint["state_dict"]
-        for key in [k for k in sd if k.startswith(_FROZEN)]:
-            del sd[key]
-        checkpoint["ppo_state"] = {
-            "rollouts_done": self.rollouts_done,
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "score_moments": self.score_moments.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("ppo_state") or {}
-        self.rollouts_done = int(state.get("rollouts_done", 0))
-        if "kl_ctl" in state:
-            self.kl_ctl.load_state_dict(state["kl_ctl"])
-        if "score_moments" in state:
-            self.score_moments.load_state_dict(state["score_moments"])
-        if self.ema is not None and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
-        if state.get("torch_rng") is not None:
-            self._rng_to_restore = state["torch_rng"]
-
-    def on_train_start(self) -> None:
-        # Restored here, after Lightning's own seeding/setup, so sampling continues exactly.
-        rng = getattr(self, "_rng_to_restore", None)
-        if rng is not None:
-            torch.set_rng_state(rng)
-            self._rng_to_restore = None
-
-    def export_model(self) -> torch.nn.Module:
-        """The policy to export: its EMA copy when EMA is on."""
-        return self.ema.copy_model(self.policy) if self.ema is not None else self.policy
-
-
-@contextlib.contextmanager
-def _fsdp2_no_sync(models):
-    """FSDP2 (``fully_shard``) models: turn gradient reduce-scatter off for a micro-step."""
-    sharded = [m for m in models if hasattr(m, "set_requires_gradient_sync")]
-    for m in sharded:
-        m.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        for m in sharded:
-            m.set_requires_gradient_sync(True)

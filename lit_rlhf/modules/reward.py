@@ -22,6 +22,7 @@ from lit_rlhf.modules.base import (
     build_scheduler,
     materialize,
 )
+from lit_rlhf.modules.sharding import ShardedModelsMixin
 from lit_rlhf.ops.ranking import kwise_ranking_loss, pairwise_accuracy
 
 
@@ -41,10 +42,12 @@ def grouped_rewards(scores: torch.Tensor, index: torch.Tensor, valid: torch.Tens
     )
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(ShardedModelsMixin, L.LightningModule):
     """Trains a one-label ``*ForSequenceClassification`` model with the K-wise ranking loss.
 
     Batches come from :class:`~lit_rlhf.data.comparisons.ComparisonCollator`.
+    Under FSDP2 (``strategy=fsdp``) ``configure_model`` shards the model's transformer blocks
+    (:class:`~lit_rlhf.modules.sharding.ShardedModelsMixin`).
 
     Args:
         model: HF sequence classifier with ``num_labels=1`` (or a zero-argument factory).
@@ -111,6 +114,7 @@ class RewardModule(L.LightningModule):
             reduce_fx="sum",
             on_step=False,
             on_epoch=True,
+            sync_dist=True,  # an epoch total over all ranks
             batch_size=p,
         )
         reward_mean = rewards[batch["valid"]].mean()

@@ -14,14 +14,17 @@ from lit_rlhf.modules.base import (
     build_scheduler,
     materialize,
 )
+from lit_rlhf.modules.sharding import ShardedModelsMixin
 from lit_rlhf.ops.lm_loss import lm_loss, next_token_nll
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(ShardedModelsMixin, L.LightningModule):
     """Next-token cross-entropy on the tokens the batch's ``loss_mask`` marks.
 
     Demonstrations mark only response tokens (the prompt gets no gradient); pretraining
     text marks every token, so the same module trains the ``pretrain`` stage.
+    Under FSDP2 (``strategy=fsdp``) ``configure_model`` shards the model's transformer blocks
+    (:class:`~lit_rlhf.modules.sharding.ShardedModelsMixin`).
 
     Args:
         model: A Hugging Face causal LM, or a zero-argument factory building one.
@@ -71,7 +74,15 @@ class SFTModule(L.LightningModule):
         loss = lm_loss(logits, batch["input_ids"], batch["loss_mask"], self.hparams.loss_reduction)
         n_tokens = batch["loss_mask"][:, 1:].sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.log("train/tokens", n_tokens.float(), reduce_fx="sum", on_step=False, on_epoch=True)
+        # An epoch total over all ranks (synced once, at the epoch's end).
+        self.log(
+            "train/tokens",
+            n_tokens.float(),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+        )
         return loss
 
     def on_fit_start(self) -> None:

@@ -91,9 +91,19 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
     trainer = ctx.make_trainer(stage_dir, rcfg, [MetricsJSONCallback(stage_dir)])
     trainer.fit(module, datamodule=dm, ckpt_path=rcfg.get("resume_from"))
 
-    # InstructGPT: shift the RM so labeler demonstrations score mean 0 (every rank computes
-    # the same value; only rank 0 writes).
-    model = module.export_model()
+    # InstructGPT: shift the RM so labeler demonstrations score mean 0. Every rank takes part
+    # in gathering the weights (FSDP2); ranks holding a full model compute the same bias, and
+    # only rank 0 writes.
+    model = module.gathered_export_model()
+    export_dir = ctx.export_dir("rm")
+    if model is not None:
+        _bias_and_export(ctx, trainer, model, tokenizer, dm, init, stage_dir, export_dir, start)
+    trainer.strategy.barrier("rm_export")  # the export exists for every rank after this
+    return export_dir
+
+
+def _bias_and_export(ctx, trainer, model, tokenizer, dm, init, stage_dir, export_dir, start):
+    rcfg = ctx.cfg["rm"]
     bias = _bias(ctx, model, tokenizer, rcfg)
     where = fold_reward_bias(model, bias)
     seconds = time.perf_counter() - start
@@ -102,7 +112,6 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
         "rm/seconds": seconds,
         **dm.stats(),
     }
-    export_dir = ctx.export_dir("rm")
     if "val/acc" in trainer.callback_metrics:
         # The same number under the name the eval report uses beside val/acc_gold.
         metrics["val/acc_labels"] = trainer.callback_metrics["val/acc"]
@@ -123,7 +132,6 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
         seconds,
         export_dir,
     )
-    return export_dir
 
 
 def _fmt(value) -> str:

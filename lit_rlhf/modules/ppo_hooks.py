@@ -1,0 +1,111 @@
+"""PPOModule's hooks around the PPO step: distribution, checkpoints and export.
+
+Kept apart from the step itself (``ppo.py``) so each file stays readable. Distribution: how a
+micro-step skips the gradient reduction, when generation keeps ranks in step. Checkpoints:
+the frozen reference and reward models are left out (they are rebuilt from their export
+paths); the run state (rollout counter, KL controller, score moments, EMA, RNG) goes in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lit_rlhf.modules.ema import WeightEMA
+from lit_rlhf.modules.sharding import is_sharded, no_gradient_sync, unsharded_copy
+
+#: State-dict prefixes of the frozen models (not checkpointed).
+FROZEN_PREFIXES = ("ref_model.", "reward_model.")
+
+
+class PPOHooksMixin:
+    """Distribution, checkpoint and export hooks of :class:`~lit_rlhf.modules.ppo.PPOModule`."""
+
+    def _no_sync(self, skip: bool):
+        """Accumulate a non-boundary micro-step's gradients without reducing them across ranks.
+
+        DDP skips its all-reduce (``no_sync``), FSDP2 its reduce-scatter
+        (``set_requires_gradient_sync``); DeepSpeed is told the step is no accumulation boundary.
+        """
+        if not skip:
+            return contextlib.nullcontext()
+        wrapped = self.trainer.strategy.model
+        if hasattr(wrapped, "set_gradient_accumulation_boundary"):  # a DeepSpeed engine
+            return _not_a_boundary(wrapped)
+        if self.trainer.world_size == 1:
+            return contextlib.nullcontext()
+        if isinstance(wrapped, DistributedDataParallel):
+            return self.trainer.strategy.block_backward_sync()
+        return no_gradient_sync([self])  # a no-op unless FSDP2 sharded the models
+
+    @property
+    def synced_generation(self) -> bool:
+        """Whether ``generate`` keeps the ranks stepping together (see ``synced_gpus``)."""
+        if self.trainer.world_size == 1:
+            return False  # nothing to wait for (and no process group to ask)
+        sharded = is_sharded(self.policy) or isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        return sharded or self.hparams.synced_gpus is not False
+
+    def on_models_sharded(self) -> None:
+        # The average must mirror the sharded weights (one shard per rank), not full copies.
+        if self.ema is not None:
+            self.ema = WeightEMA(self.policy, self.ema.decay)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint["state_dict"]
+        for key in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
+            del sd[key]
+        checkpoint["ppo_state"] = {
+            "rollouts_done": self.rollouts_done,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ppo_state") or {}
+        self.rollouts_done = int(state.get("rollouts_done", 0))
+        if "kl_ctl" in state:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if "score_moments" in state:
+            self.score_moments.load_state_dict(state["score_moments"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if state.get("torch_rng") is not None:
+            self._rng_to_restore = state["torch_rng"]
+
+    def on_train_start(self) -> None:
+        # Restored here, after Lightning's own seeding/setup, so sampling continues exactly.
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng is not None:
+            torch.set_rng_state(rng)
+            self._rng_to_restore = None
+
+    def export_model(self) -> nn.Module:
+        """The policy to export: its EMA copy when EMA is on."""
+        return self.ema.copy_model(self.policy) if self.ema is not None else self.policy
+
+    def gathered_export_model(self) -> nn.Module | None:
+        """The policy (or its EMA) with full weights: every rank calls, rank 0 gets it."""
+        if self.ema is None or not is_sharded(self.policy):
+            return unsharded_copy(self.export_model())
+        plain = unsharded_copy(self.policy)  # gathers on every rank
+        averaged = self.ema.full_state_dict()  # gathers on every rank
+        if plain is not None:
+            plain.load_state_dict(averaged, strict=False)
+        return plain
+
+
+@contextlib.contextmanager
+def _not_a_boundary(engine):
+    """DeepSpeed: a micro-step whose gradients accumulate until the boundary one reduces them."""
+    engine.set_gradient_accumulation_boundary(False)
+    try:
+        yield
+    finally:
+        engine.set_gradient_accumulation_boundary(True)
