@@ -133,3 +133,24 @@ def test_kl_sweep_on_two_tiny_jobs_ends_with_one_plot(pipeline):
     for job in summary["jobs"]:
         assert math.isfinite(job["x"]) and math.isfinite(job["y"])
     assert (sweep_dir / "sweep_summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_sft_beats_the_base_model_on_a_tiny_run(tmp_path):
+    # The base model writes reviews but ignores the instruction; a few SFT epochs on
+    # demonstrations must already lift the gold score above it.
+    proc = train(
+        tmp_path,
+        "stage=eval",
+        "eval.policies=[base,sft]",
+        "debug=fast",
+        "data.embedded.n_demos_train=800",
+        "data.embedded.n_eval_prompts=128",
+        "model.hidden_size=64",
+        "sft.max_epochs=4",
+        "sft.lr=3e-3",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    _check(proc)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval/sft/gold"] > metrics["eval/base/gold"] + 0.1, metrics

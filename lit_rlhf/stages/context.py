@@ -157,8 +157,10 @@ class StageContext:
             # included), not just the keys the YAML happens to set.
             parts["data"]["embedded"] = self.world_config().fingerprint()
             if stage in ("ppo", "ppo_ptx"):
-                # ptx.enabled only selects which of the two PPO stages runs.
-                ptx = dict(parts["ppo"].get("ptx") or {})
+                # ptx.enabled only selects which of the two PPO stages runs, and plain PPO
+                # ignores the other ptx settings: tuning gamma must not retrain PPO.
+                ptx = dict(parts["ppo"].get("ptx") or {}) if stage == "ppo_ptx" else {}
+                ptx.pop("export_dir", None)
                 ptx["enabled"] = stage == "ppo_ptx"
                 parts["ppo"]["ptx"] = ptx
             parts["upstream"] = [self.fingerprint(u) for u in UPSTREAM[stage] if self._in_graph(u)]
@@ -170,9 +172,19 @@ class StageContext:
         return not (stage == "pretrain" and not self.uses_embedded_tokenizer())
 
     def export_dir(self, stage: str) -> str:
-        """The export folder of ``stage``: ``<stage>.export_dir`` or the fingerprinted default."""
-        section = "ppo" if stage == "ppo_ptx" else stage
-        given = (self.cfg.get(section) or {}).get("export_dir") if stage != "ppo_ptx" else None
+        """The export folder of ``stage``: ``<stage>.export_dir`` or the fingerprinted default.
+
+        PPO-ptx reads ``ppo.ptx.export_dir``, and ``ppo.export_dir`` when it is the only PPO
+        stage of the run (``stage=ppo ppo.ptx.enabled=true``); inside the pipeline ``ppo`` and
+        ``ppo_ptx`` both run, so one ``ppo.export_dir`` cannot name both.
+        """
+        ppo = self.cfg.get("ppo") or {}
+        if stage == "ppo_ptx":
+            given = (ppo.get("ptx") or {}).get("export_dir")
+            if not given and self.cfg["stage"]["name"] != "pipeline":
+                given = ppo.get("export_dir")
+        else:
+            given = (self.cfg.get(stage) or {}).get("export_dir")
         if given:
             return str(given)
         return os.path.join(self.cfg["paths"]["exports_dir"], f"{stage}-{self.fingerprint(stage)}")

@@ -70,7 +70,21 @@ def run_label(ctx: StageContext, stage: str = "label") -> str:
     train, val = split_train_val(records, lcfg["val_fraction"], ctx.cfg.get("seed", 0))
     agreement = [pairwise_agreement(r["ranks"], r["gold"]) for r in records]
     agree_n = sum(a[1] for a in agreement)
+    # InstructGPT reports agreement *between* labelers (~73 %): rank the same responses again
+    # with a second, independent labeler of the same noise and compare the two rankings.
+    second = SimulatedLabeler(
+        target_agreement=lcfg["target_agreement"],
+        tie_margin=lcfg["tie_margin"],
+        seed=ctx.cfg.get("seed", 0) + 1,
+        tau=labeler.tau,
+    )
+    between = [
+        pairwise_agreement(second.rank(r["gold"], r["completions"]), r["ranks"], True)
+        for r in records
+    ]
     metrics = {
+        "label/inter_labeler_agreement": sum(a[0] for a in between)
+        / max(1, sum(a[1] for a in between)),
         "label/prompts": len(records),
         "label/responses": sum(len(r["completions"]) for r in records),
         "label/agreement_with_gold": sum(a[0] for a in agreement) / max(1, agree_n),
@@ -87,10 +101,12 @@ def run_label(ctx: StageContext, stage: str = "label") -> str:
         update_metrics_json(os.path.join(tmp, "metrics.json"), metrics)
     update_metrics_json(os.path.join(ctx.stage_dir("label"), "metrics.json"), metrics)
     log.info(
-        "[label] %d prompts, %d responses, labeler/gold agreement %.3f (tau %.3f) in %.1f s",
+        "[label] %d prompts, %d responses, labeler/gold agreement %.3f, inter-labeler %.3f "
+        "(tau %.3f) in %.1f s",
         metrics["label/prompts"],
         metrics["label/responses"],
         metrics["label/agreement_with_gold"],
+        metrics["label/inter_labeler_agreement"],
         labeler.tau,
         metrics["label/seconds"],
     )
