@@ -100,8 +100,8 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right") -> PreTrained
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
-            f"{_describe(name_or_path, 'tokenizer')}: {err}. Point the stage at a folder "
-            f"written by save_pretrained (or a Hub name reachable from this machine)."
+            f"{_describe(name_or_path, 'tokenizer')}: {str(err).rstrip('. ')}. Point the stage "
+            f"at a folder written by save_pretrained (or a Hub name reachable from this machine)."
         ) from err
     ensure_pad_token(tok)
     tok.padding_side = padding_side
@@ -134,8 +134,8 @@ def _load_config(name_or_path: str, dropout: float | None, **overrides: Any) -> 
         config = AutoConfig.from_pretrained(name_or_path, **overrides)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
-            f"{_describe(name_or_path, 'model')}: {err}. Check the model path override "
-            f"(e.g. model.name_or_path=...) points at a folder with config.json."
+            f"{_describe(name_or_path, 'model')}: {str(err).rstrip('. ')}. Check the model path "
+            f"override (e.g. model.name_or_path=...) points at a folder with config.json."
         ) from err
     if dropout is not None:
         set_config_dropout(config, dropout)

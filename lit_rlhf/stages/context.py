@@ -212,4 +212,7 @@ class StageContext:
             log.info("[%s] reusing existing output %s", stage, path)
             return path
         log.info("[%s] output for this config is missing (%s): building it first", stage, path)
+        # Seed per stage: a stage's result must not depend on which other stages ran (or were
+        # reused) earlier in the same process.
+        L.seed_everything(self.cfg.get("seed", 0), workers=True, verbose=False)
         return self.runners[stage](self, stage)
