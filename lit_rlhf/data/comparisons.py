@@ -15,7 +15,6 @@ it).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 import lightning as L
@@ -25,11 +24,9 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.lm_datamodule import split_train_val
 from lit_rlhf.data.lm_tokenize import TruncationStats, encode_demonstrations
-from lit_rlhf.data.records import DataFormatError, _comparison, _iter_raw, _where
+from lit_rlhf.data.records import DataFormatError, read_records
 
 log = logging.getLogger("lit_rlhf")
-
-_FIELDS = ("prompt", "completions", "ranks", "chosen", "rejected", "gold")
 
 
 def count_untied_pairs(ranks: Sequence[int]) -> int:
@@ -41,26 +38,13 @@ def count_untied_pairs(ranks: Sequence[int]) -> int:
     return n * (n - 1) // 2 - sum(c * (c - 1) // 2 for c in counts.values())
 
 
-def _gold(rec: Mapping, key: str, k: int, where: str) -> list[float] | None:
-    if key not in rec or rec[key] is None:
-        return None
-    gold = rec[key]
-    ok = isinstance(gold, list) and len(gold) == k
-    ok = ok and all(
-        isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) for g in gold
-    )
-    if not ok:
-        raise DataFormatError(
-            f"{where}: field '{key}' must be a list of {k} finite numbers (one gold score per "
-            "completion); fix or remove it"
-        )
-    return [float(g) for g in gold]
-
-
 def read_comparisons_with_gold(
     source: str, fields: Mapping[str, str] | None = None, limit: int | None = None
 ) -> list[dict]:
     """Read K-wise or pairwise comparisons, keeping an optional per-completion ``gold`` list.
+
+    The same reader as :func:`~lit_rlhf.data.records.read_records` with kind
+    ``"comparisons"``, which validates ``gold`` (one finite number per completion).
 
     Args:
         source: ``.jsonl``/``.json``/``.parquet`` file or HF dataset name.
@@ -73,23 +57,7 @@ def read_comparisons_with_gold(
     Raises:
         DataFormatError: naming the file, line and field of the first malformed record.
     """
-    names = {k: k for k in _FIELDS}
-    names.update(fields or {})
-    out: list[dict] = []
-    for index, rec, kind in _iter_raw(str(source)):
-        where = _where(str(source), index, kind)
-        if not isinstance(rec, Mapping):
-            raise DataFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        parsed = _comparison(rec, names, where)
-        gold = _gold(rec, names["gold"], len(parsed["completions"]), where)
-        if gold is not None:
-            parsed["gold"] = gold
-        out.append(parsed)
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise DataFormatError(f"'{source}' holds no comparison records")
-    return out
+    return read_records(source, "comparisons", fields, limit)
 
 
 def encode_comparisons(

@@ -16,6 +16,7 @@ JSONL/JSON arrays the 1-based line/item) and field, and what to do.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -167,7 +168,28 @@ def _comparison(rec: Mapping, f: Mapping[str, str], where: str) -> dict:
             raise DataFormatError(
                 f"{where}: rank {j} is {r!r}; ranks must be non-negative integers (0 = best)"
             )
-    return {"prompt": prompt, "completions": list(comps), "ranks": list(ranks)}
+    out = {"prompt": prompt, "completions": list(comps), "ranks": list(ranks)}
+    gold = _gold(rec, f["gold"], len(comps), where)
+    if gold is not None:
+        out["gold"] = gold
+    return out
+
+
+def _gold(rec: Mapping, key: str, k: int, where: str) -> list[float] | None:
+    """The optional per-completion gold scores of a K-wise record (evaluation only)."""
+    if rec.get(key) is None:
+        return None
+    gold = rec[key]
+    ok = isinstance(gold, list) and len(gold) == k
+    ok = ok and all(
+        isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) for g in gold
+    )
+    if not ok:
+        raise DataFormatError(
+            f"{where}: field '{key}' must be a list of {k} finite numbers (one gold score per "
+            "completion); fix or remove it"
+        )
+    return [float(g) for g in gold]
 
 
 def read_records(
@@ -184,7 +206,8 @@ def read_records(
         limit: Read at most this many records.
 
     Returns:
-        Records with canonical field names (extra fields dropped).
+        Records with canonical field names (extra fields dropped, except a K-wise
+        comparison's optional per-completion ``gold`` scores).
 
     Raises:
         DataFormatError: naming the file, line and field of the first problem.
@@ -192,7 +215,17 @@ def read_records(
     if kind not in FORMATS:
         raise DataFormatError(f"unknown record kind {kind!r}; use one of {sorted(FORMATS)}")
     names = {
-        k: k for k in ("prompt", "completion", "text", "completions", "ranks", "chosen", "rejected")
+        k: k
+        for k in (
+            "prompt",
+            "completion",
+            "text",
+            "completions",
+            "ranks",
+            "chosen",
+            "rejected",
+            "gold",
+        )
     }
     names.update(fields or {})
     out: list[dict] = []
