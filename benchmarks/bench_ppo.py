@@ -82,16 +82,7 @@ def main() -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.tick()
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Clock()],
-    )
+    trainer = common.bare_trainer(Clock(), max_epochs=-1)
     rss_setup = common.rss_now_mib()
     t0 = time.perf_counter()
     trainer.fit(module, dm)

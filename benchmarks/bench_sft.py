@@ -58,18 +58,8 @@ def main() -> None:
             seen["loss_tokens"] += int(batch["loss_mask"][:, 1:].sum())
 
     n = args.warmup + args.iters
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=n,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
-        callbacks=[Clock()],
+    trainer = common.bare_trainer(
+        Clock(), max_steps=n, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0
     )
     rss_setup = common.rss_now_mib()
     t0 = time.perf_counter()

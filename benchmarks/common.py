@@ -100,6 +100,23 @@ def write_result(path: str | os.PathLike, result: dict) -> None:
     Path(path).write_text(json.dumps(result, indent=1))
 
 
+def bare_trainer(callback, **kwargs):
+    """A one-CPU Lightning Trainer with nothing but ``callback``: no logger, checkpoints,
+    progress bar or model summary, so only the training work is timed."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **kwargs,
+    )
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -64,16 +64,7 @@ def main() -> None:
                 state["torch"].__exit__(None, None, None)
                 state["torch_wall"] = wall
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Profiler()],
-    )
+    trainer = common.bare_trainer(Profiler(), max_epochs=-1)
     trainer.fit(module, dm)
 
     out = io.StringIO()
