@@ -82,7 +82,7 @@ def main() -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.tick()
 
-    trainer = common.bare_trainer(Clock(), max_epochs=-1)
+    trainer = common.bare_trainer(Clock(), args.precision, max_epochs=-1)
     rss_setup = common.rss_now_mib()
     t0 = time.perf_counter()
     trainer.fit(module, dm)
@@ -102,6 +102,7 @@ def main() -> None:
             "framework": "lit_rlhf",
             "bench": "ppo",
             "size": args.size,
+            "precision": args.precision,
             "iter_s": total,
             "split_s": split,
             "fit_wall_s": wall,

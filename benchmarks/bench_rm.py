@@ -61,7 +61,12 @@ def main() -> None:
 
     n = args.warmup + args.iters
     trainer = common.bare_trainer(
-        Clock(), max_steps=n, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0
+        Clock(),
+        args.precision,
+        max_steps=n,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
     )
     rss_setup = common.rss_now_mib()
     t0 = time.perf_counter()
@@ -75,6 +80,7 @@ def main() -> None:
             "framework": "lit_rlhf",
             "bench": "rm",
             "size": args.size,
+            "precision": args.precision,
             "step_s": steps,
             "pairs_per_step": pairs,
             "pairs_per_s": pairs * len(steps) / sum(steps),

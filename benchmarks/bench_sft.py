@@ -59,7 +59,12 @@ def main() -> None:
 
     n = args.warmup + args.iters
     trainer = common.bare_trainer(
-        Clock(), max_steps=n, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0
+        Clock(),
+        args.precision,
+        max_steps=n,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
     )
     rss_setup = common.rss_now_mib()
     t0 = time.perf_counter()
@@ -73,6 +78,7 @@ def main() -> None:
             "framework": "lit_rlhf",
             "bench": "sft",
             "size": args.size,
+            "precision": args.precision,
             "step_s": steps,
             "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step * len(steps) / sum(steps),

@@ -33,6 +33,10 @@ SIZES = {
 VOCAB_SIZE = 512
 MAX_POSITIONS = 64
 
+#: Precisions a measurement can run in: fp32, or bf16 mixed precision (autocast, fp32 master
+#: weights) switched on the way each framework's users do it.
+PRECISIONS = ("fp32", "bf16")
+
 #: The work measured, identical on both sides (see README "Equal work").
 PPO = {
     "batch_size": 16,  # prompts (= episodes) per rollout
@@ -85,6 +89,12 @@ def child_args(description: str) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="iterations/steps not timed")
     p.add_argument("--iters", type=int, default=5, help="timed iterations/steps")
     p.add_argument("--out", required=True, help="JSON result file")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32, or bf16 = bf16 autocast with fp32 weights (each framework's own bf16 switch)",
+    )
     return p.parse_args()
 
 
@@ -100,9 +110,10 @@ def write_result(path: str | os.PathLike, result: dict) -> None:
     Path(path).write_text(json.dumps(result, indent=1))
 
 
-def bare_trainer(callback, **kwargs):
+def bare_trainer(callback, precision: str = "fp32", **kwargs):
     """A one-CPU Lightning Trainer with nothing but ``callback``: no logger, checkpoints,
-    progress bar or model summary, so only the training work is timed."""
+    progress bar or model summary, so only the training work is timed. ``precision`` is a
+    :data:`PRECISIONS` entry (bf16 = Lightning's ``bf16-mixed``)."""
     import lightning as L
 
     return L.Trainer(
@@ -113,6 +124,7 @@ def bare_trainer(callback, **kwargs):
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[callback],
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
         **kwargs,
     )
 

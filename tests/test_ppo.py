@@ -63,7 +63,7 @@ def make_module(tok, arch="gpt2", **kw):
     )
 
 
-def fit(module, tok, data_files, ptx_ratio=0.0, ckpt_path=None, seed=0):
+def fit(module, tok, data_files, ptx_ratio=0.0, ckpt_path=None, seed=0, precision="32-true"):
     L.seed_everything(seed, verbose=False)
     dm = PPODataModule(
         data_files[0], data_files[1] if ptx_ratio else None, batch_size=8, ptx_ratio=ptx_ratio
@@ -75,6 +75,7 @@ def fit(module, tok, data_files, ptx_ratio=0.0, ckpt_path=None, seed=0):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        precision=precision,
     )
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer

@@ -28,6 +28,12 @@ import common  # noqa: E402
 def main() -> None:
     args = common.child_args(__doc__)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if args.precision == "bf16":
+        # PPOTrainer builds its own Accelerator without a mixed_precision argument, and
+        # transformers 5's TrainingArguments no longer exports bf16=True to the environment,
+        # so bf16=True alone runs fp32 (checked: autocast off, fp32 logits). This is what
+        # `accelerate launch --mixed_precision bf16` sets.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     common.setup_threads()
     rss_start = common.rss_now_mib()
     import datasets
@@ -132,7 +138,7 @@ def main() -> None:
         kl_coef=s["kl_coef"],
         num_sample_generations=0,
         # fp32, no gradient checkpointing (the TRL config defaults are bf16 + checkpointing).
-        bf16=False,
+        bf16=args.precision == "bf16",
         fp16=False,
         gradient_checkpointing=False,
         use_cpu=True,
@@ -197,6 +203,7 @@ def main() -> None:
             "framework": "trl",
             "bench": "ppo",
             "size": args.size,
+            "precision": args.precision,
             "iter_s": total,
             "split_s": split,
             "fit_wall_s": wall,

@@ -30,27 +30,53 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
+    precision: str | None = None,
 ) -> torch.optim.Optimizer:
-    """Use ``factory(params)`` when given, else AdamW with the given settings."""
+    """Use ``factory(params)`` when given, else AdamW (``precision``: see :func:`adamw`)."""
     if factory is not None:
         return factory(params)
-    return adamw(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    return adamw(params, precision, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
 
 
-def adamw(params: Iterable[Any], **kwargs: Any) -> torch.optim.AdamW:
+def trainer_precision(module: Any) -> str | None:
+    """The precision string of the module's Trainer (``"bf16-mixed"``...), None without one."""
+    trainer = getattr(module, "_trainer", None)
+    return None if trainer is None else str(trainer.precision)
+
+
+def adamw(params: Iterable[Any], precision: str | None = None, **kwargs: Any) -> torch.optim.AdamW:
     """AdamW with the fused kernel where it applies (one kernel for all tensors).
 
     The fused implementation computes the same update as the default ``foreach`` one (up to
     float rounding) and is markedly faster on small models, where the optimizer step is
     overhead-bound. Sharded (DTensor) or exotic-device parameters keep the default.
+
+    Args:
+        params: Parameters or parameter groups.
+        precision: The Trainer's precision. fp16 mixed precision keeps the ``foreach``
+            kernel: its GradScaler must unscale gradients before they are clipped, which a
+            fused optimizer would do only inside its own step.
+        **kwargs: AdamW arguments.
     """
     params = list(params)
     tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    fusable = bool(tensors) and all(
-        type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
-        for p in tensors
+    fusable = (
+        bool(tensors)
+        and (precision is None or not precision.startswith("16"))
+        and all(
+            type(p) is torch.nn.Parameter
+            and p.device.type in ("cpu", "cuda")
+            and p.is_floating_point()
+            for p in tensors
+        )
     )
-    return torch.optim.AdamW(params, fused=fusable or None, **kwargs)
+    opt = torch.optim.AdamW(params, fused=fusable or None, **kwargs)
+    if fusable:
+        # A fused AdamW declares that it unscales gradients itself; Lightning's mixed-precision
+        # plugin then refuses to clip gradients, for bf16 too, although bf16 autocast has no
+        # GradScaler and nothing is ever scaled. Without a scaler the flag has no other reader.
+        opt._step_supports_amp_scaling = False
+    return opt
 
 
 def build_scheduler(

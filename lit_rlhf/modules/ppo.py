@@ -21,6 +21,7 @@ from lit_rlhf.modules.base import (
     build_scheduler,
     freeze,
     materialize,
+    trainer_precision,
 )
 from lit_rlhf.modules.ema import WeightEMA
 from lit_rlhf.modules.ppo_hooks import PPOHooksMixin
@@ -361,7 +362,9 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         if self.optimizer_factory is not None:
             opt = self.optimizer_factory(groups)
         else:
-            opt = adamw(groups, weight_decay=hp.weight_decay, eps=hp.adam_eps)
+            opt = adamw(
+                groups, trainer_precision(self), weight_decay=hp.weight_decay, eps=hp.adam_eps
+            )
         total = hp.n_rollouts * hp.ppo_epochs * hp.num_minibatches
         sched = build_scheduler(
             opt, total, hp.schedule, hp.warmup_steps, 1.0, hp.warmup_start_ratio

@@ -21,6 +21,7 @@ from lit_rlhf.modules.base import (
     build_optimizer,
     build_scheduler,
     materialize,
+    trainer_precision,
 )
 from lit_rlhf.modules.sharding import ShardedModelsMixin
 from lit_rlhf.ops.ranking import kwise_ranking_loss, pairwise_accuracy
@@ -155,7 +156,12 @@ class RewardModule(ShardedModelsMixin, L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt = build_optimizer(
-            self.model.parameters(), self.optimizer_factory, hp.lr, hp.weight_decay, hp.betas
+            self.model.parameters(),
+            self.optimizer_factory,
+            hp.lr,
+            hp.weight_decay,
+            hp.betas,
+            precision=trainer_precision(self),
         )
         sched = build_scheduler(
             opt,

@@ -1,0 +1,97 @@
+"""bf16 mixed precision: every module trains under ``precision="bf16-mixed"`` with clipping.
+
+A fused AdamW declares that it unscales gradients itself, and Lightning's mixed-precision
+plugin refuses to clip gradients for such an optimizer (for bf16 too), so these fits once
+stopped at the first clipping step. CPU autocast runs the same plugin code as CUDA's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from test_ppo import data_files, fit, make_module  # noqa: F401 (data_files: fixture)
+from test_reward_model import classifier
+
+from lit_rlhf.data.comparisons import ComparisonsDataModule
+from lit_rlhf.data.lm_datamodule import DemonstrationsDataModule
+from lit_rlhf.modules.base import adamw
+from lit_rlhf.modules.reward import RewardModule
+from lit_rlhf.modules.sft import SFTModule
+from lit_rlhf.ops.lm_loss import lm_loss
+
+
+def _trainer(**kwargs):
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        **kwargs,
+    )
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_sft_trains_in_bf16_mixed_with_clipping(tmp_path, tok, tiny_gpt2):
+    demos = [{"prompt": f"Say {w}: ", "completion": w} for w in ("yes", "no", "maybe", "ok")]
+    path = _jsonl(tmp_path / "d.jsonl", demos * 4)
+    dm = DemonstrationsDataModule(path, val_fraction=0.0, batch_size=4).connect(tok)
+    module = SFTModule(tiny_gpt2(), lr=1e-2, schedule="constant")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+
+    def loss():
+        with torch.no_grad():
+            return float(lm_loss(module(batch), batch["input_ids"], batch["loss_mask"]))
+
+    before = loss()
+    trainer = _trainer(max_steps=16)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 16
+    opt = trainer.optimizers[0]
+    assert opt.defaults["fused"] is True  # the fused kernel is kept, clipping still works
+    # Weights stay fp32 (autocast computes in bf16); the loss fell.
+    assert next(module.model.parameters()).dtype == torch.float32
+    assert loss() < 0.7 * before
+
+
+def test_reward_model_trains_in_bf16_mixed_with_clipping(tmp_path, tok):
+    recs = [{"prompt": "Rate:", "completions": ["great", "awful", "fine"], "ranks": [0, 2, 1]}] * 8
+    dm = ComparisonsDataModule(_jsonl(tmp_path / "c.jsonl", recs), batch_size=4).connect(tok)
+    module = RewardModule(classifier(tok), lr=1e-2, schedule="constant")
+    before = [p.detach().clone() for p in module.model.parameters()]
+    trainer = _trainer(max_steps=4)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 4
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
+
+
+def test_ppo_trains_in_bf16_mixed_with_clipping(tok, data_files):  # noqa: F811
+    module = make_module(tok, max_grad_norm=1.0)
+    fit(module, tok, data_files, precision="bf16-mixed")
+    assert module.rollouts_done == 2
+    for h in module.history:
+        # Scoring and the first update see the same weights; bf16 rounding differs with the
+        # micro-batch shapes, so the first ratio is 1 only up to bf16 precision.
+        assert h["policy/ratio_first"] == pytest.approx(1.0, abs=0.05)
+        assert all(v == v for v in h.values())  # no NaN
+
+
+def test_fp16_mixed_keeps_the_foreach_kernel():
+    # fp16's GradScaler must unscale before clipping: that needs the non-fused optimizer.
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert adamw(p, "16-mixed").defaults["fused"] is None
+    assert adamw(p, "bf16-mixed").defaults["fused"] is True
+    assert adamw(p, None).defaults["fused"] is True
