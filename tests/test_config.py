@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf, open_dict, read_write
 
 from lit_rlhf.run import _check_multirun_strategy, make_trainer_factory, register_resolvers
+from lit_rlhf.stages.context import StageContext
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -144,6 +145,21 @@ def test_stage_settings_reach_the_trainer(compose_cfg, tmp_path):
     assert any(isinstance(c, TQDMProgressBar) for c in trainer.callbacks)
     assert any(isinstance(c, ModelCheckpoint) and c.save_last for c in trainer.callbacks)
     assert isinstance(trainer.logger, CSVLogger)
+
+
+def test_precision_is_part_of_trained_stages_fingerprints(compose_cfg, tmp_path):
+    def prints(*overrides):
+        cfg = compose_cfg(*overrides)
+        with open_dict(cfg):
+            cfg.pop("hydra")
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+        ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
+        return {s: ctx.fingerprint(s) for s in ("pretrain", "sft", "label", "rm", "ppo")}
+
+    fp32, bf16 = prints(), prints("precision=bf16-mixed")
+    # Every trained stage (and the label stage, downstream of SFT) gets a new export folder.
+    assert all(fp32[s] != bf16[s] for s in fp32)
+    assert prints() == fp32
 
 
 def test_callback_can_be_nulled(compose_cfg, tmp_path):

@@ -36,6 +36,8 @@ STAGE_SETTINGS = {
     "ppo": ("ppo",),
     "ppo_ptx": ("ppo",),
 }
+#: Stages trained by a Lightning Trainer (their exports depend on its precision).
+TRAINED_STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
 #: stage -> upstream stages it reads.
 UPSTREAM = {
     "pretrain": (),
@@ -163,6 +165,9 @@ class StageContext:
                 ptx.pop("export_dir", None)
                 ptx["enabled"] = stage == "ppo_ptx"
                 parts["ppo"]["ptx"] = ptx
+            if stage in TRAINED_STAGES:
+                # The arithmetic changes the weights: a bf16 run must not reuse fp32 exports.
+                parts["precision"] = str((self.cfg.get("trainer") or {}).get("precision", ""))
             parts["upstream"] = [self.fingerprint(u) for u in UPSTREAM[stage] if self._in_graph(u)]
             blob = json.dumps(parts, sort_keys=True, default=str).encode()
             self._fingerprints[stage] = hashlib.sha256(blob).hexdigest()[:10]
