@@ -77,45 +77,48 @@ def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
     return out
 
 
-def summarize(runs: list[dict], peak_runs: list[dict], sizes, benches) -> dict:
+def summarize(
+    runs: list[dict], peak_runs: list[dict], sizes, benches, precisions=("fp32",)
+) -> dict:
     good_peaks = [p for p in peak_runs if "error" not in p]
     peaks = {
         "fp32": max((p["fp32_gflops"] for p in good_peaks), default=float("nan")),
         "bf16": max((p["bf16_gflops"] for p in good_peaks), default=float("nan")),
     }
     out = {"peak_gflops": peaks, "results": {}, "failed": []}
-    for bench in benches:
-        for size in sizes:
-            entry = {}
-            for fw in ("lit_rlhf", "trl"):
-                mine = [
-                    r
-                    for r in runs
-                    if r["bench"] == bench and r["size"] == size and r["framework"] == fw
-                ]
-                ok = [r for r in mine if "error" not in r]
-                out["failed"] += [
-                    f"{bench}/{size}/{fw}/r{r['round']}" for r in mine if "error" in r
-                ]
-                if ok:
-                    entry[fw] = _side(ok, bench, size, peaks)
-            if "lit_rlhf" in entry and "trl" in entry:
-                ours, theirs = entry["lit_rlhf"], entry["trl"]
-                speedup = theirs["median_s"] / ours["median_s"]
-                rss_ratio = ours["peak_rss_mib"] / theirs["peak_rss_mib"]
-                target = TARGETS[(bench, size)]
-                entry["compare"] = {
-                    "speedup": speedup,
-                    "per_round_speedup": [
-                        t / o
-                        for o, t in zip(ours["per_round_median_s"], theirs["per_round_median_s"])
-                    ],
-                    "rss_ratio": rss_ratio,
-                    "target_speedup": target,
-                    "speed_target_met": speedup >= target,
-                    "rss_target_met": rss_ratio <= 1.0 if bench == "ppo" else None,
-                }
-            out["results"][f"{bench}/{size}"] = entry
+    for bench, size, prec in ((b, s, p) for b in benches for s in sizes for p in precisions):
+        entry = {}
+        for fw in ("lit_rlhf", "trl"):
+            mine = [
+                r
+                for r in runs
+                if r["bench"] == bench
+                and r["size"] == size
+                and r["framework"] == fw
+                and r.get("precision", "fp32") == prec
+            ]
+            ok = [r for r in mine if "error" not in r]
+            out["failed"] += [
+                f"{bench}/{size}/{prec}/{fw}/r{r['round']}" for r in mine if "error" in r
+            ]
+            if ok:
+                entry[fw] = _side(ok, bench, size, peaks)
+        if "lit_rlhf" in entry and "trl" in entry:
+            ours, theirs = entry["lit_rlhf"], entry["trl"]
+            speedup = theirs["median_s"] / ours["median_s"]
+            rss_ratio = ours["peak_rss_mib"] / theirs["peak_rss_mib"]
+            target = TARGETS[(bench, size)]
+            entry["compare"] = {
+                "speedup": speedup,
+                "per_round_speedup": [
+                    t / o for o, t in zip(ours["per_round_median_s"], theirs["per_round_median_s"])
+                ],
+                "rss_ratio": rss_ratio,
+                "target_speedup": target,
+                "speed_target_met": speedup >= target,
+                "rss_target_met": rss_ratio <= 1.0 if bench == "ppo" else None,
+            }
+        out["results"][f"{bench}/{size}/{prec}"] = entry
     return out
 
 
@@ -136,17 +139,19 @@ def markdown(data: dict) -> str:
         f"{data['total_s'] / 60:.1f} min",
         "",
         f"Measured matmul peak (same run): **fp32 {pk['fp32']:.0f} GFLOP/s**, "
-        f"**bf16 {pk['bf16']:.0f} GFLOP/s**. All training runs are fp32.",
+        f"**bf16 {pk['bf16']:.0f} GFLOP/s**. Each comparison runs both frameworks in the "
+        "same precision: fp32, or bf16 = bf16 autocast with fp32 weights (Lightning "
+        "`precision=bf16-mixed`; TRL `bf16=True`, its configs' default).",
         "",
         "## Summary (speed-up = TRL time / lit_rlhf time, same work)",
         "",
-        "| bench | size | lit_rlhf | TRL 1.0.0 | speed-up | target | per round | "
+        "| bench | size | precision | lit_rlhf | TRL 1.0.0 | speed-up | target | per round | "
         "peak RSS ours / TRL (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     res = s["results"]
     for key, entry in res.items():
-        bench, size = key.split("/")
+        bench, size, prec = key.split("/")
         if "compare" not in entry:
             continue
         c, o, t = entry["compare"], entry["lit_rlhf"], entry["trl"]
@@ -162,7 +167,7 @@ def markdown(data: dict) -> str:
         if c["rss_target_met"] is not None:
             rss += " ✅" if c["rss_target_met"] else " ❌"
         lines.append(
-            f"| {bench.upper()} | {size} | {ov} | {tv} | **{c['speedup']:.2f}×** | "
+            f"| {bench.upper()} | {size} | {prec} | {ov} | {tv} | **{c['speedup']:.2f}×** | "
             f"≥ {c['target_speedup']}× {met} | {rounds} | {rss} |"
         )
     lines += [
@@ -170,9 +175,9 @@ def markdown(data: dict) -> str:
         "## PPO iteration (median seconds; batch 16 prompts × 16 tokens, 24-token responses, "
         "4 PPO epochs, 1 minibatch)",
         "",
-        "| size | framework | total | generation | scoring | optimization | other | "
+        "| size | precision | framework | total | generation | scoring | optimization | other | "
         "GFLOP/s | % fp32 peak | % bf16 peak | peak RSS MiB | RSS after imports |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, entry in res.items():
         if not key.startswith("ppo/"):
@@ -183,7 +188,8 @@ def markdown(data: dict) -> str:
             e = entry[fw]
             sp = e["split_median_s"]
             lines.append(
-                f"| {key[4:]} | {fw} | {e['median_s']:.3f} | {sp['generation']:.3f} | "
+                f"| {key[4:].replace('/', ' | ')} | {fw} | {e['median_s']:.3f} | "
+                f"{sp['generation']:.3f} | "
                 f"{sp['scoring']:.3f} | {sp['optimization']:.3f} | {sp['other']:.3f} | "
                 f"{e['gflops']:.1f} | {100 * e['share_fp32_peak']:.1f} | "
                 f"{100 * e['share_bf16_peak']:.1f} | {e['peak_rss_mib']:.0f} | "
@@ -194,9 +200,9 @@ def markdown(data: dict) -> str:
             "",
             f"## {bench.upper()} training throughput",
             "",
-            f"| size | framework | s/step | {unit} | GFLOP/s | % fp32 peak | % bf16 peak | "
-            "peak RSS MiB | RSS after imports |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| size | precision | framework | s/step | {unit} | GFLOP/s | % fp32 peak | "
+            "% bf16 peak | peak RSS MiB | RSS after imports |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for key, entry in res.items():
             if not key.startswith(bench + "/"):
@@ -207,7 +213,8 @@ def markdown(data: dict) -> str:
                 e = entry[fw]
                 rate = e["tokens_per_s"] if bench == "sft" else e["pairs_per_s"]
                 lines.append(
-                    f"| {key.split('/')[1]} | {fw} | {e['median_s']:.3f} | {rate:.1f} | "
+                    f"| {key.split('/', 1)[1].replace('/', ' | ')} | {fw} | "
+                    f"{e['median_s']:.3f} | {rate:.1f} | "
                     f"{e['gflops']:.1f} | {100 * e['share_fp32_peak']:.1f} | "
                     f"{100 * e['share_bf16_peak']:.1f} | {e['peak_rss_mib']:.0f} | "
                     f"{e['rss_after_import_mib']:.0f} |"
@@ -242,7 +249,9 @@ def markdown(data: dict) -> str:
     if gcs:
         lines.append(
             "- TRL's PPO calls `gc.collect()` twice per iteration: "
-            + ", ".join(f"{v:.3f} s/iter at {k.split('/')[1]}" for k, v in gcs.items())
+            + ", ".join(
+                f"{v:.3f} s/iter at {k.split('/', 1)[1].replace('/', ' ')}" for k, v in gcs.items()
+            )
             + " (inside its scoring and other columns)."
         )
     if pk["bf16"] < pk["fp32"]:
@@ -268,6 +277,7 @@ if __name__ == "__main__":
         data["peaks"],
         list(data["settings"]["sizes"]),
         sorted({r["bench"] for r in data["runs"]}, key=["ppo", "sft", "rm"].index),
+        data["settings"].get("precisions", ["fp32"]),
     )
     src.with_suffix(".md").write_text(markdown(data))
     print(f"rewrote {src.with_suffix('.md')}")

@@ -52,6 +52,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 round, few iterations")
     p.add_argument("--sizes", default="1m,20m", help="comma list of " + ",".join(common.SIZES))
     p.add_argument("--benches", default=",".join(BENCHES), help="comma list of ppo,sft,rm")
+    p.add_argument(
+        "--precisions",
+        default=",".join(common.PRECISIONS),
+        help="comma list of fp32,bf16 (both frameworks run each)",
+    )
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (2; quick: 1)")
     p.add_argument(
         "--trl-venv",
@@ -212,6 +217,10 @@ def main() -> None:
     for b in benches:
         if b not in BENCHES:
             raise SystemExit(f"--benches: unknown bench {b!r}; use {list(BENCHES)}")
+    precisions = [p for p in args.precisions.split(",") if p]
+    for p in precisions:
+        if p not in common.PRECISIONS:
+            raise SystemExit(f"--precisions: unknown {p!r}; use {list(common.PRECISIONS)}")
     rounds = args.rounds or (1 if args.quick else 2)
     plan = QUICK if args.quick else FULL
     out_dir = Path(args.out_dir)
@@ -232,48 +241,57 @@ def main() -> None:
     print("[run_all] matmul peak ...", flush=True)
     peaks = [peak("start")]
     runs: list[dict] = []
-    for size in sizes:
-        for bench in benches:
-            warmup, iters = plan[(bench, size)]
-            for r in range(rounds):
-                sides = [("lit_rlhf", sys.executable, OURS[bench])]
-                if trl_python is not None:
-                    sides.append(("trl", str(trl_python), THEIRS[bench]))
-                for name, python, script in sides:
-                    tag = f"{bench}_{size}_{name}_r{r}"
-                    out = work / f"{tag}.json"
-                    cmd = [
-                        python,
-                        str(script),
-                        "--size",
-                        size,
-                        "--artifacts",
-                        str(artifacts),
-                        "--warmup",
-                        str(warmup),
-                        "--iters",
-                        str(iters),
-                        "--out",
-                        str(out),
-                    ]
-                    print(f"[run_all] {tag} ...", end=" ", flush=True)
-                    res = run_child(cmd, work / f"{tag}.log", args)
-                    res.update({"bench": bench, "size": size, "framework": name, "round": r})
-                    runs.append(res)
-                    if "error" in res:
-                        print("FAILED", flush=True)
-                    else:
-                        print(
-                            f"{res['process_s']:.0f}s, others used {res['others_cores']:.2f} "
-                            f"cores{' (CONTENDED)' if res['contended'] else ''}",
-                            flush=True,
-                        )
-                    if "error" in res:
-                        print(res["error"], file=sys.stderr)
+    for size, bench, prec in ((s, b, p) for s in sizes for b in benches for p in precisions):
+        warmup, iters = plan[(bench, size)]
+        for r in range(rounds):
+            sides = [("lit_rlhf", sys.executable, OURS[bench])]
+            if trl_python is not None:
+                sides.append(("trl", str(trl_python), THEIRS[bench]))
+            for name, python, script in sides:
+                tag = f"{bench}_{size}_{prec}_{name}_r{r}"
+                out = work / f"{tag}.json"
+                cmd = [
+                    python,
+                    str(script),
+                    "--size",
+                    size,
+                    "--artifacts",
+                    str(artifacts),
+                    "--warmup",
+                    str(warmup),
+                    "--iters",
+                    str(iters),
+                    "--out",
+                    str(out),
+                    "--precision",
+                    prec,
+                ]
+                print(f"[run_all] {tag} ...", end=" ", flush=True)
+                res = run_child(cmd, work / f"{tag}.log", args)
+                res.update(
+                    {
+                        "bench": bench,
+                        "size": size,
+                        "precision": prec,
+                        "framework": name,
+                        "round": r,
+                    }
+                )
+                runs.append(res)
+                if "error" in res:
+                    print("FAILED", flush=True)
+                else:
+                    print(
+                        f"{res['process_s']:.0f}s, others used {res['others_cores']:.2f} "
+                        f"cores{' (CONTENDED)' if res['contended'] else ''}",
+                        flush=True,
+                    )
+                if "error" in res:
+                    print(res["error"], file=sys.stderr)
     if not args.quick:
         peaks.append(peak("end"))
 
-    summary = report.summarize(runs, peaks, sizes, benches)
+    summary = report.summarize(runs, peaks, sizes, benches, precisions)
     data = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "quick": args.quick,
@@ -282,6 +300,7 @@ def main() -> None:
         "machine": machine_info(),
         "settings": {
             "threads": common.THREADS,
+            "precisions": precisions,
             "ppo": common.PPO,
             "sft": common.SFT,
             "rm": common.RM,

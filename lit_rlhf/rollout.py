@@ -80,6 +80,10 @@ def generate(
 ) -> Rollout:
     """Phase 1: sample one response per prompt (pure sampling: top_k=0, top_p=1).
 
+    The sampling pass's own logits give the policy's log-probs of the sampled tokens
+    (``Rollout.logprobs``), so phase 2 needs no extra policy forward. They are the raw
+    logits / T from the KV-cache forwards, equal to a full forward's up to float rounding.
+
     Args:
         policy: Causal LM.
         query_ids: (B, Q) left-padded prompts.
@@ -103,10 +107,17 @@ def generate(
         pad_token_id=pad_token_id,
         use_cache=True,
         synced_gpus=synced_gpus,
+        return_dict_in_generate=True,
+        output_logits=True,
     )
-    response = out[:, query_ids.shape[1] :]
+    response = out.sequences[:, query_ids.shape[1] :]
     response, mask, has_eos = truncate_after_eos(response, eos_token_id, pad_token_id)
-    return Rollout(query_ids, query_mask, response, mask, has_eos)
+    # (B, R, V) raw (unprocessed) logits, one row per generated step: the same numbers a full
+    # forward's LM head gives, which is what every later log-prob is compared with.
+    logits = torch.stack(out.logits, dim=1)
+    del out
+    logprobs = selective_log_softmax(logits, response, temperature).masked_fill(~mask, 0.0)
+    return Rollout(query_ids, query_mask, response, mask, has_eos, logprobs=logprobs)
 
 
 def response_logprobs(

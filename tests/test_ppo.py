@@ -11,7 +11,7 @@ from lit_rlhf.data.ppo_datamodule import PPODataModule
 from lit_rlhf.models.heads import sequence_scores
 from lit_rlhf.models.tiny import build_tiny_causal_lm, tiny_config
 from lit_rlhf.modules.ppo import PPOModule
-from lit_rlhf.rollout import Rollout, score
+from lit_rlhf.rollout import Rollout, generate, response_logprobs, score
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=2)
 
@@ -89,6 +89,20 @@ def test_ratio_is_exactly_one_on_first_minibatch(tok, data_files, arch, temperat
     for h in module.history:  # every rollout starts from the policy that sampled it
         assert h["policy/ratio_first"] == pytest.approx(1.0, abs=1e-5)
     assert module.rollouts_done == 2
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampling_logprobs_equal_a_full_forward(tok, arch):
+    policy = build_tiny_causal_lm(arch, tokenizer=tok, seed=0, **SMALL).eval()
+    pad = tok.pad_token_id
+    # Left-padded prompts of different lengths; responses that end at different steps.
+    query = torch.tensor([[pad, pad, 10, 11], [12, 13, 14, 15], [pad, 16, 17, 18]])
+    torch.manual_seed(0)
+    ro = generate(policy, query, (query != pad).long(), 12, 0.7, tok.eos_token_id, pad)
+    again, _ = response_logprobs(policy, ro, 0.7)
+    mask = ro.response_mask
+    assert torch.allclose(ro.logprobs[mask], again[mask], atol=1e-5)
+    assert (ro.logprobs[~mask] == 0).all()
 
 
 def test_frozen_models_unchanged_trained_models_move(tok, data_files):

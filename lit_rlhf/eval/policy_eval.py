@@ -81,9 +81,8 @@ def sample_with_kl(
         ]
         lengths += ro.response_mask.sum(-1).tolist()
         if reference is not None:
-            lp, _ = response_logprobs(policy, ro, temperature)
             ref, _ = response_logprobs(reference, ro, temperature)
-            kls += ((lp - ref) * ro.response_mask).sum(-1).tolist()
+            kls += ((ro.logprobs - ref) * ro.response_mask).sum(-1).tolist()
     return PolicySamples(prompts, responses, kls if reference is not None else None, lengths)
 
 

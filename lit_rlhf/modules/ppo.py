@@ -190,10 +190,10 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         )
         mask = ro.response_mask
 
-        # 2. Score: old log-probs, reference log-probs, values, RM score at the last token.
+        # 2. Score: reference log-probs, values, RM score at the last token (the old
+        # log-probs come from the sampling pass itself).
         t1 = time.perf_counter()
         with torch.no_grad():
-            ro.logprobs, _ = response_logprobs(self.policy, ro, hp.temperature)
             ro.ref_logprobs, _ = response_logprobs(self.ref_model, ro, hp.temperature)
             ro.values = response_values(self.value_model, ro).masked_fill(~mask, 0.0)
             ro.raw_scores = score(self.reward_model, ro)

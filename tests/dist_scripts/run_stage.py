@@ -51,6 +51,7 @@ from lit_rlhf.modules.sft import SFTModule  # noqa: E402
 from lit_rlhf.modules.sharding import FSDP2Strategy, unsharded_copy  # noqa: E402
 from lit_rlhf.ops.masking import truncate_after_eos  # noqa: E402
 from lit_rlhf.rollout import generate as real_generate  # noqa: E402
+from lit_rlhf.rollout import response_logprobs  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -175,6 +176,10 @@ class ScriptedGeneration:
         ids[:, -1] = self.tok.eos_token_id
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
         ro.response_ids, ro.response_mask, ro.has_eos = truncate_after_eos(ids, eos, pad)
+        # generate() returns the sampling log-probs of its tokens: those of the scripted ones.
+        with torch.no_grad():
+            logprobs, _ = response_logprobs(policy, ro, args[0])
+        ro.logprobs = logprobs.masked_fill(~ro.response_mask, 0.0)
         return ro
 
 
