@@ -37,15 +37,18 @@ def main() -> None:
     module = RewardModule(
         model, lr=s["lr"], betas=(0.9, 0.999), schedule="linear", min_lr_ratio=0.0
     )
+    # K-wise: a batch element is one prompt with all its K responses (C(K, 2) pairs).
     dm = ComparisonsDataModule(
-        str(art / "pairs.jsonl"),
+        str(art / ("kwise.jsonl" if args.kwise else "pairs.jsonl")),
         max_length=s["seq_len"],
-        batch_size=s["pairs_per_batch"],
+        batch_size=common.RM_KWISE["prompts_per_batch"] if args.kwise else s["pairs_per_batch"],
         val_fraction=0.0,
     ).connect(tok)
 
     clock = common.StepClock()
     seen = {"rows": 0, "tokens": 0, "max_len": 0, "min_len": 1 << 30}
+    pairs_per_step: list[int] = []  # every pair of a prompt's K responses (no ties here)
+    rows_per_step: list[int] = []
 
     class Clock(L.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -58,6 +61,9 @@ def main() -> None:
             seen["tokens"] += int(lengths.sum())
             seen["max_len"] = max(seen["max_len"], int(batch["input_ids"].shape[1]))
             seen["min_len"] = min(seen["min_len"], int(lengths.min()))
+            k = batch["valid"].sum(-1)
+            pairs_per_step.append(int((k * (k - 1) // 2).sum()))
+            rows_per_step.append(int(lengths.shape[0]))
 
     n = args.warmup + args.iters
     trainer = common.bare_trainer(
@@ -73,18 +79,20 @@ def main() -> None:
     trainer.fit(module, dm)
     wall = time.perf_counter() - t0
     steps = common.steady(clock.durations(), args.warmup)
-    pairs = s["pairs_per_batch"]
+    pairs = sum(common.steady(pairs_per_step, args.warmup))
+    rows = sum(common.steady(rows_per_step, args.warmup))
     common.write_result(
         args.out,
         {
             "framework": "lit_rlhf",
-            "bench": "rm",
+            "bench": "rm_kwise" if args.kwise else "rm",
             "size": args.size,
             "precision": args.precision,
             "step_s": steps,
-            "pairs_per_step": pairs,
-            "pairs_per_s": pairs * len(steps) / sum(steps),
-            "tokens_per_s": 2 * pairs * s["seq_len"] * len(steps) / sum(steps),
+            "pairs_per_step": pairs / len(steps),
+            "pairs_per_s": pairs / sum(steps),
+            "seqs_per_s": rows / sum(steps),
+            "tokens_per_s": rows * s["seq_len"] / sum(steps),
             "fit_wall_s": wall,
             "rss_start_mib": rss_start,
             "rss_after_import_mib": rss_import,

@@ -50,6 +50,10 @@ PPO = {
 }
 SFT = {"batch_size": 16, "seq_len": 64, "prompt_len": 16, "lr": 1e-4}
 RM = {"pairs_per_batch": 8, "seq_len": 64, "prompt_len": 16, "lr": 1e-4}
+#: InstructGPT's comparison data: K = 4..9 ranked responses per prompt, C(K, 2) pairs each.
+#: lit_rlhf trains on the K-wise records (one forward per response, every pair of a prompt in
+#: one batch element); TRL's RewardTrainer takes pairs, so it gets the same pairs expanded.
+RM_KWISE = {"k_min": 4, "k_max": 9, "prompts_per_batch": 2, "n_prompts": 256}
 
 
 # ----------------------------------------------------------------------------- process setup
@@ -89,6 +93,11 @@ def child_args(description: str) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="iterations/steps not timed")
     p.add_argument("--iters", type=int, default=5, help="timed iterations/steps")
     p.add_argument("--out", required=True, help="JSON result file")
+    p.add_argument(
+        "--kwise",
+        action="store_true",
+        help="RM only: InstructGPT's K-wise comparison data (RM_KWISE) instead of pairs",
+    )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -256,6 +265,31 @@ def _text(rng: random.Random, words: list[str], n: int) -> str:
     return "".join(rng.choice(words) for _ in range(n))
 
 
+def write_kwise(root: Path, tokenizer, rng: random.Random) -> None:
+    """``kwise.jsonl`` (K-wise records) and ``kwise_pairs.jsonl`` (the same pairs expanded,
+    prompt by prompt, better response as ``chosen``); every response has RM["seq_len"] tokens.
+    """
+    words = _single_token_words(tokenizer)
+    k = RM_KWISE
+    n_resp = RM["seq_len"] - RM["prompt_len"] - 1
+    records, pairs = [], []
+    for _ in range(k["n_prompts"]):
+        prompt = _text(rng, words, RM["prompt_len"])
+        n = rng.randint(k["k_min"], k["k_max"])
+        completions = [_text(rng, words, n_resp) for _ in range(n)]
+        ranks = rng.sample(range(n), n)  # 0 = best; no ties
+        records.append({"prompt": prompt, "completions": completions, "ranks": ranks})
+        for i in range(n):
+            for j in range(n):
+                if ranks[i] < ranks[j]:
+                    pairs.append(
+                        {"prompt": prompt, "chosen": completions[i], "rejected": completions[j]}
+                    )
+    for name, rows in (("kwise_pairs.jsonl", pairs), ("kwise.jsonl", records)):
+        with open(root / name, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def build_artifacts(root: str | os.PathLike) -> Path:
     """Write the shared tokenizer, initial weights and data both frameworks load.
 
@@ -267,6 +301,10 @@ def build_artifacts(root: str | os.PathLike) -> Path:
     root = Path(root)
     marker = root / "DONE"
     if marker.exists():
+        if not (root / "kwise.jsonl").exists():  # folders made before the K-wise bench
+            from lit_rlhf.models.loading import load_tokenizer
+
+            write_kwise(root, load_tokenizer(str(root / "tokenizer")), random.Random(1))
         return root
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -321,5 +359,6 @@ def build_artifacts(root: str | os.PathLike) -> Path:
             for _ in range(512)
         ],
     )
+    write_kwise(root, tok, random.Random(1))
     marker.write_text("ok\n")
     return root

@@ -15,6 +15,8 @@ TARGETS = {
     ("sft", "20m"): 1.3,
     ("rm", "1m"): 2.0,
     ("rm", "20m"): 1.3,
+    ("rm_kwise", "1m"): 2.0,
+    ("rm_kwise", "20m"): 1.3,
 }
 PHASES = ("generation", "scoring", "optimization", "other")
 
@@ -24,6 +26,9 @@ def _med(xs):
 
 
 def _flops_per_unit(bench: str, size: str) -> float:
+    """FLOPs of one iteration/step (rm_kwise: of one response, forward + backward)."""
+    if bench == "rm_kwise":
+        return 3 * common.forward_flops(size, 1, common.RM["seq_len"], 0)
     if bench == "ppo":
         return common.ppo_iteration_flops(size)["total"]
     if bench == "sft":
@@ -37,6 +42,8 @@ def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
     times = [t for r in runs for t in r[key]]
     med = _med(times)
     flops = _flops_per_unit(bench, size)
+    if bench == "rm_kwise":  # steps differ in size (K varies): rates, not step times
+        flops *= med * _med([r["seqs_per_s"] for r in runs])
     out = {
         "rounds": len(runs),
         "median_s": med,
@@ -72,8 +79,9 @@ def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
     elif bench == "sft":
         out["tokens_per_s"] = common.SFT["batch_size"] * common.SFT["seq_len"] / med
     else:
-        out["pairs_per_s"] = common.RM["pairs_per_batch"] / med
-        out["tokens_per_s"] = 2 * common.RM["pairs_per_batch"] * common.RM["seq_len"] / med
+        out["pairs_per_s"] = _med([r["pairs_per_s"] for r in runs])
+        out["per_round_rate"] = [r["pairs_per_s"] for r in runs]
+        out["seqs_per_s"] = _med([r["seqs_per_s"] for r in runs])
     return out
 
 
@@ -105,14 +113,19 @@ def summarize(
                 entry[fw] = _side(ok, bench, size, peaks)
         if "lit_rlhf" in entry and "trl" in entry:
             ours, theirs = entry["lit_rlhf"], entry["trl"]
-            speedup = theirs["median_s"] / ours["median_s"]
+            if bench == "rm_kwise":
+                speedup = ours["pairs_per_s"] / theirs["pairs_per_s"]
+                rounds = [o / t for o, t in zip(ours["per_round_rate"], theirs["per_round_rate"])]
+            else:
+                speedup = theirs["median_s"] / ours["median_s"]
+                rounds = [
+                    t / o for o, t in zip(ours["per_round_median_s"], theirs["per_round_median_s"])
+                ]
             rss_ratio = ours["peak_rss_mib"] / theirs["peak_rss_mib"]
             target = TARGETS[(bench, size)]
             entry["compare"] = {
                 "speedup": speedup,
-                "per_round_speedup": [
-                    t / o for o, t in zip(ours["per_round_median_s"], theirs["per_round_median_s"])
-                ],
+                "per_round_speedup": rounds,
                 "rss_ratio": rss_ratio,
                 "target_speedup": target,
                 "speed_target_met": speedup >= target,
@@ -195,7 +208,9 @@ def markdown(data: dict) -> str:
                 f"{100 * e['share_bf16_peak']:.1f} | {e['peak_rss_mib']:.0f} | "
                 f"{e['rss_after_import_mib']:.0f} |"
             )
-    for bench, unit in (("sft", "tokens/s"), ("rm", "pairs/s")):
+    for bench, unit in (("sft", "tokens/s"), ("rm", "pairs/s"), ("rm_kwise", "pairs/s")):
+        if not any(k.startswith(bench + "/") and e for k, e in res.items()):
+            continue
         lines += [
             "",
             f"## {bench.upper()} training throughput",
@@ -233,7 +248,8 @@ def markdown(data: dict) -> str:
         "dropped); one iteration/step = from the end of the previous one to its own end, "
         "so every per-step cost of each framework is included.",
         "- FLOP/s counts the same useful model FLOPs for both frameworks (README, "
-        '"FLOP accounting"); a framework doing redundant work shows a lower share.',
+        '"FLOP accounting"); a framework doing redundant work shows a lower share '
+        "(RM_KWISE: the FLOPs of the forwards/backwards each framework runs).",
         "- Peak RSS is `ru_maxrss` of each measurement's own process (imports included; "
         "the after-imports column shows the framework's import footprint).",
         f"- Other processes kept at most {max(others, default=float('nan')):.2f} CPU cores busy "
@@ -241,6 +257,21 @@ def markdown(data: dict) -> str:
         "after retries. With 2 torch threads on 2 cores any other busy process slows "
         "iterations by 2-50x; run-to-run spread on a quiet machine is about +-10 %.",
     ]
+    kw = [e for k, e in res.items() if k.startswith("rm_kwise/") and "compare" in e]
+    if kw:
+        k = common.RM_KWISE
+        lines.append(
+            f"- RM_KWISE: InstructGPT's comparison format, K = {k['k_min']}..{k['k_max']} ranked "
+            "responses per prompt. lit_rlhf trains on the K-wise records (one forward per "
+            f"response, all C(K, 2) pairs of a prompt in one batch element, "
+            f"{k['prompts_per_batch']} prompts per step); TRL's RewardTrainer takes the same "
+            "pairs expanded (two forwards per pair). Both see the same pairs with the same "
+            "per-pair loss; responses per second are about equal ("
+            + ", ".join(
+                f"{e['lit_rlhf']['seqs_per_s']:.1f} vs {e['trl']['seqs_per_s']:.1f}" for e in kw
+            )
+            + "), so the speed-up is the (K - 1) / 2 pairs each forward serves."
+        )
     gcs = {
         k: e["trl"]["gc_collect_s_per_iter"]
         for k, e in res.items()
@@ -276,7 +307,7 @@ if __name__ == "__main__":
         data["runs"],
         data["peaks"],
         list(data["settings"]["sizes"]),
-        sorted({r["bench"] for r in data["runs"]}, key=["ppo", "sft", "rm"].index),
+        sorted({r["bench"] for r in data["runs"]}, key=["ppo", "sft", "rm", "rm_kwise"].index),
         data["settings"].get("precisions", ["fp32"]),
     )
     src.with_suffix(".md").write_text(markdown(data))

@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
 
-BENCHES = ("ppo", "sft", "rm")
-OURS = {b: common.BENCH_DIR / f"bench_{b}.py" for b in BENCHES}
-THEIRS = {b: common.BENCH_DIR / "trl_side" / f"{b}.py" for b in BENCHES}
+BENCHES = ("ppo", "sft", "rm", "rm_kwise")
+#: bench -> (script stem, extra arguments); rm_kwise is the RM bench on K-wise data.
+SCRIPTS = {b: (b, []) for b in ("ppo", "sft", "rm")} | {"rm_kwise": ("rm", ["--kwise"])}
+OURS = {b: common.BENCH_DIR / f"bench_{stem}.py" for b, (stem, _) in SCRIPTS.items()}
+THEIRS = {b: common.BENCH_DIR / "trl_side" / f"{stem}.py" for b, (stem, _) in SCRIPTS.items()}
 
 #: (warmup, timed) iterations per bench and size; quick mode uses QUICK.
 FULL = {
@@ -36,6 +38,8 @@ FULL = {
     ("sft", "20m"): (2, 8),
     ("rm", "1m"): (3, 20),
     ("rm", "20m"): (2, 8),
+    ("rm_kwise", "1m"): (3, 20),
+    ("rm_kwise", "20m"): (2, 8),
 }
 QUICK = {
     ("ppo", "1m"): (1, 3),
@@ -44,6 +48,8 @@ QUICK = {
     ("sft", "20m"): (1, 3),
     ("rm", "1m"): (2, 6),
     ("rm", "20m"): (1, 3),
+    ("rm_kwise", "1m"): (2, 6),
+    ("rm_kwise", "20m"): (1, 3),
 }
 
 
@@ -51,7 +57,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 round, few iterations")
     p.add_argument("--sizes", default="1m,20m", help="comma list of " + ",".join(common.SIZES))
-    p.add_argument("--benches", default=",".join(BENCHES), help="comma list of ppo,sft,rm")
+    p.add_argument(
+        "--benches", default=",".join(BENCHES), help="comma list of " + ",".join(BENCHES)
+    )
     p.add_argument(
         "--precisions",
         default=",".join(common.PRECISIONS),
@@ -265,6 +273,7 @@ def main() -> None:
                     str(out),
                     "--precision",
                     prec,
+                    *SCRIPTS[bench][1],
                 ]
                 print(f"[run_all] {tag} ...", end=" ", flush=True)
                 res = run_child(cmd, work / f"{tag}.log", args)
@@ -304,6 +313,7 @@ def main() -> None:
             "ppo": common.PPO,
             "sft": common.SFT,
             "rm": common.RM,
+            "rm_kwise": common.RM_KWISE,
             "sizes": common.SIZES,
             "params": {s: common.param_counts(s) for s in sizes},
         },

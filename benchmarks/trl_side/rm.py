@@ -39,7 +39,9 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(
         art / args.size / "rm", dtype=torch.float32
     )
-    records = [json.loads(line) for line in open(art / "pairs.jsonl")]
+    # K-wise comparisons reach TRL as their expanded pairs (its data format).
+    data = "kwise_pairs.jsonl" if args.kwise else "pairs.jsonl"
+    records = [json.loads(line) for line in open(art / data)]
     train = datasets.Dataset.from_list(records)
 
     clock = common.StepClock()
@@ -83,12 +85,13 @@ def main() -> None:
         args.out,
         {
             "framework": "trl",
-            "bench": "rm",
+            "bench": "rm_kwise" if args.kwise else "rm",
             "size": args.size,
             "precision": args.precision,
             "step_s": steps,
             "pairs_per_step": pairs,
             "pairs_per_s": pairs * len(steps) / sum(steps),
+            "seqs_per_s": 2 * pairs * len(steps) / sum(steps),
             "tokens_per_s": 2 * pairs * s["seq_len"] * len(steps) / sum(steps),
             "fit_wall_s": wall,
             "rss_start_mib": rss_start,
