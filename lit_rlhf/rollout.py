@@ -142,7 +142,10 @@ def response_logprobs(
     ).logits[:, :-1]
     logits = logits.float() / temperature
     logprobs = selective_log_softmax(logits, rollout.response_ids)
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    entropy = None
+    if with_entropy:  # logged only: no autograd graph for it
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
     return logprobs, entropy
 
 

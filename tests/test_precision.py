@@ -7,7 +7,9 @@ stopped at the first clipping step. CPU autocast runs the same plugin code as CU
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import lightning as L
 import pytest
@@ -17,6 +19,7 @@ from test_reward_model import classifier
 
 from lit_rlhf.data.comparisons import ComparisonsDataModule
 from lit_rlhf.data.lm_datamodule import DemonstrationsDataModule
+from lit_rlhf.models.heads import Float32Linear, apply_score_head, fp32_output_head
 from lit_rlhf.modules.base import adamw
 from lit_rlhf.modules.reward import RewardModule
 from lit_rlhf.modules.sft import SFTModule
@@ -95,3 +98,35 @@ def test_fp16_mixed_keeps_the_foreach_kernel():
     assert adamw(p, "16-mixed").defaults["fused"] is None
     assert adamw(p, "bf16-mixed").defaults["fused"] is True
     assert adamw(p, None).defaults["fused"] is True
+
+
+def test_score_head_is_float32_under_autocast(tok):
+    model = classifier(tok)
+    hidden = torch.randn(3, 5, model.config.hidden_size)
+    plain = apply_score_head(model, hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = apply_score_head(model, hidden)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, plain)  # no bf16 rounding of the scores
+
+
+def test_fp32_output_head_keeps_weights_and_survives_copies(tok, tiny_gpt2):
+    model = tiny_gpt2()
+    keys = list(model.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+    fp32_output_head(model)
+    assert isinstance(model.get_output_embeddings(), Float32Linear)
+    assert list(model.state_dict()) == keys
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        logits = model(input_ids=ids).logits
+    assert before.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    head = model.get_output_embeddings()
+    expected = hidden.float() @ head.weight.float().T
+    assert torch.allclose(logits, expected, atol=1e-5)
+    # Without autocast nothing changes; copies and pickles keep the fp32 head.
+    assert torch.equal(model(input_ids=ids).logits, tiny_gpt2()(input_ids=ids).logits)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert isinstance(clone.get_output_embeddings(), Float32Linear)

@@ -9,6 +9,7 @@ token, found from the attention mask (never by searching for the pad id).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -48,9 +49,47 @@ def backbone_hidden(
 
 
 def apply_score_head(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The scalar head on hidden states (..., H) -> (...) float32, plus any unfolded bias."""
-    out = score_head(model)(hidden).squeeze(-1).float()
+    """The scalar head on hidden states (..., H) -> (...) float32, plus any unfolded bias.
+
+    Computed in float32 even under bf16 autocast: the ranking loss and PPO's advantages live
+    on small differences between scores, which a bf16 result (8 mantissa bits: steps of
+    ~0.008 near 1) would round away.
+    """
+    out = _linear_fp32(score_head(model), hidden).squeeze(-1)
     return out + float(getattr(model.config, BIAS_ATTR, 0.0) or 0.0)
+
+
+def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` in float32 with autocast off (weights of any dtype are upcast)."""
+    with torch.autocast(x.device.type, enabled=False):
+        bias = None if layer.bias is None else layer.bias.float()
+        return F.linear(x.float(), layer.weight.float(), bias)
+
+
+class Float32Linear(nn.Linear):
+    """An ``nn.Linear`` whose output is float32 under autocast (same parameters and keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return _linear_fp32(self, x)
+        return super().forward(x)
+
+
+def fp32_output_head(model: PreTrainedModel) -> PreTrainedModel:
+    """Make the LM head (``get_output_embeddings()``) compute float32 logits under autocast.
+
+    Log-probs are differences of logits of magnitude ~10, where bf16 steps are ~0.06 nats:
+    PPO ratios and the KL penalty would be mostly rounding noise. The head becomes a
+    :class:`Float32Linear` in place (same parameters, state-dict keys and exports; picklable
+    for spawned processes); without autocast it computes what it computed before.
+
+    Returns:
+        ``model`` itself.
+    """
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear:
+        head.__class__ = Float32Linear
+    return model
 
 
 def sequence_scores(

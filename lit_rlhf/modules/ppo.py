@@ -14,6 +14,7 @@ from collections import defaultdict
 import lightning as L
 import torch
 
+from lit_rlhf.models.heads import fp32_output_head
 from lit_rlhf.modules.base import (
     ModelOrFactory,
     OptimizerFactory,
@@ -150,9 +151,10 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         )
         self.automatic_optimization = False
         self.strict_loading = False  # frozen models are not in checkpoints
-        self.policy = materialize(policy)
+        # float32 log-probs under bf16 autocast (a no-op in fp32 runs).
+        self.policy = fp32_output_head(materialize(policy))
         self.value_model = materialize(value_model)
-        self.ref_model = freeze(materialize(ref_model))
+        self.ref_model = freeze(fp32_output_head(materialize(ref_model)))
         self.reward_model = freeze(materialize(reward_model))
         self.optimizer_factory = optimizer
         self.kl_ctl = (
