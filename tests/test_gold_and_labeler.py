@@ -250,3 +250,12 @@ def test_win_rate_counts_ties_half():
     assert r == 1.0 and 0.95 < lo < 1.0 and hi == 1.0  # Wilson: not a degenerate interval
     with pytest.raises(ValueError, match="paired"):
         win_rate([1.0], [1.0, 2.0])
+
+
+def test_report_table_prints_no_negative_zero():
+    from lit_rlhf.eval.report import policy_table
+
+    m = {"eval/sft/gold": 0.7, "eval/sft/gold_lo": 0.6, "eval/sft/gold_hi": 0.8}
+    m.update({"eval/sft/kl_to_sft": -3e-7, "eval/sft/rm_score": -0.5})
+    row = policy_table(m)[0]
+    assert "0.00" in row and "-0.00" not in row and "-0.500" in row

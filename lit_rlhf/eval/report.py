@@ -17,7 +17,11 @@ def _policies(metrics: dict) -> list[str]:
 
 
 def _fmt(metrics: dict, key: str, spec: str = ".3f") -> str:
-    return format(metrics[key], spec) if key in metrics else "–"
+    if key not in metrics:
+        return "–"
+    text = format(metrics[key], spec)
+    # A rounding-noise -1e-9 (the SFT's KL to itself) must not print as "-0.00".
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def policy_table(metrics: dict) -> list[list[str]]:
