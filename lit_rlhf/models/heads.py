@@ -9,7 +9,6 @@ token, found from the attention mask (never by searching for the pad id).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -55,23 +54,24 @@ def apply_score_head(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tens
     on small differences between scores, which a bf16 result (8 mantissa bits: steps of
     ~0.008 near 1) would round away.
     """
-    out = _linear_fp32(score_head(model), hidden).squeeze(-1)
+    head = score_head(model)
+    # Called as a module (not F.linear on .weight): FSDP2 unshards the head in its hooks.
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
     return out + float(getattr(model.config, BIAS_ATTR, 0.0) or 0.0)
 
 
-def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` in float32 with autocast off (weights of any dtype are upcast)."""
-    with torch.autocast(x.device.type, enabled=False):
-        bias = None if layer.bias is None else layer.bias.float()
-        return F.linear(x.float(), layer.weight.float(), bias)
-
-
 class Float32Linear(nn.Linear):
-    """An ``nn.Linear`` whose output is float32 under autocast (same parameters and keys)."""
+    """An ``nn.Linear`` whose output is float32 under autocast (same parameters and keys).
+
+    With float32 weights (``bf16-mixed``) the product is computed in float32; with bf16
+    weights (``bf16-true``) there is no float32 copy to use and it computes as before.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            return _linear_fp32(self, x)
+        if torch.is_autocast_enabled(x.device.type) and self.weight.dtype == torch.float32:
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x.float())
         return super().forward(x)
 
 
