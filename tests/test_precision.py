@@ -1,4 +1,4 @@
-"""bf16 mixed precision: every module trains under ``precision="bf16-mixed"`` with clipping.
+"""bf16: every module trains under ``bf16-mixed`` with clipping (PPO also ``bf16-true``).
 
 A fused AdamW declares that it unscales gradients itself, and Lightning's mixed-precision
 plugin refuses to clip gradients for such an optimizer (for bf16 too), so these fits once
@@ -81,10 +81,15 @@ def test_reward_model_trains_in_bf16_mixed_with_clipping(tmp_path, tok):
     assert any(not torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
 
 
-def test_ppo_trains_in_bf16_mixed_with_clipping(tok, data_files):  # noqa: F811
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_ppo_trains_in_bf16_with_clipping(tok, data_files, precision):  # noqa: F811
     module = make_module(tok, max_grad_norm=1.0)
-    fit(module, tok, data_files, precision="bf16-mixed")
+    before = [p.detach().float().clone() for p in module.policy.parameters()]
+    fit(module, tok, data_files, precision=precision)
     assert module.rollouts_done == 2
+    weights = next(module.policy.parameters())
+    assert weights.dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    assert any(not torch.equal(a, b.float()) for a, b in zip(before, module.policy.parameters()))
     for h in module.history:
         # Scoring and the first update see the same weights; bf16 rounding differs with the
         # micro-batch shapes, so the first ratio is 1 only up to bf16 precision.
