@@ -79,6 +79,32 @@ def adamw(params: Iterable[Any], precision: str | None = None, **kwargs: Any) ->
     return opt
 
 
+def single_model_optimizers(module: Any) -> dict:
+    """``configure_optimizers`` of a module that trains ``module.model`` alone (SFT, RM).
+
+    Reads ``lr``, ``weight_decay``, ``betas``, ``schedule``, ``warmup_steps`` and
+    ``min_lr_ratio`` from ``module.hparams`` and ``module.optimizer_factory``; the schedule
+    runs over the Trainer's estimated optimizer steps and is stepped every step.
+    """
+    hp = module.hparams
+    opt = build_optimizer(
+        module.model.parameters(),
+        module.optimizer_factory,
+        hp.lr,
+        hp.weight_decay,
+        hp.betas,
+        precision=trainer_precision(module),
+    )
+    sched = build_scheduler(
+        opt,
+        module.trainer.estimated_stepping_batches,
+        hp.schedule,
+        hp.warmup_steps,
+        hp.min_lr_ratio,
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     total_steps: int,

@@ -18,10 +18,8 @@ from lit_rlhf.models.heads import sequence_scores
 from lit_rlhf.modules.base import (
     ModelOrFactory,
     OptimizerFactory,
-    build_optimizer,
-    build_scheduler,
     materialize,
-    trainer_precision,
+    single_model_optimizers,
 )
 from lit_rlhf.modules.sharding import ShardedModelsMixin
 from lit_rlhf.ops.ranking import kwise_ranking_loss, pairwise_accuracy
@@ -154,23 +152,7 @@ class RewardModule(ShardedModelsMixin, L.LightningModule):
                 self.log("val/acc_gold", self.val_acc_gold, on_epoch=True)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt = build_optimizer(
-            self.model.parameters(),
-            self.optimizer_factory,
-            hp.lr,
-            hp.weight_decay,
-            hp.betas,
-            precision=trainer_precision(self),
-        )
-        sched = build_scheduler(
-            opt,
-            self.trainer.estimated_stepping_batches,
-            hp.schedule,
-            hp.warmup_steps,
-            hp.min_lr_ratio,
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return single_model_optimizers(self)
 
     def export_model(self) -> PreTrainedModel:
         """The sequence classifier to save as the stage's Hugging Face export."""

@@ -10,10 +10,8 @@ from torchmetrics.text import Perplexity
 from lit_rlhf.modules.base import (
     ModelOrFactory,
     OptimizerFactory,
-    build_optimizer,
-    build_scheduler,
     materialize,
-    trainer_precision,
+    single_model_optimizers,
 )
 from lit_rlhf.modules.sharding import ShardedModelsMixin
 from lit_rlhf.ops.lm_loss import lm_loss, next_token_nll
@@ -111,23 +109,7 @@ class SFTModule(ShardedModelsMixin, L.LightningModule):
         self.log("val/ppl", self.val_ppl, on_epoch=True)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt = build_optimizer(
-            self.model.parameters(),
-            self.optimizer_factory,
-            hp.lr,
-            hp.weight_decay,
-            hp.betas,
-            precision=trainer_precision(self),
-        )
-        sched = build_scheduler(
-            opt,
-            self.trainer.estimated_stepping_batches,
-            hp.schedule,
-            hp.warmup_steps,
-            hp.min_lr_ratio,
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return single_model_optimizers(self)
 
     def export_model(self) -> torch.nn.Module:
         """The model to save as the stage's Hugging Face export."""
