@@ -41,9 +41,10 @@ def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
     key = "iter_s" if bench == "ppo" else "step_s"
     times = [t for r in runs for t in r[key]]
     med = _med(times)
-    flops = _flops_per_unit(bench, size)
     if bench == "rm_kwise":  # steps differ in size (K varies): rates, not step times
-        flops *= med * _med([r["seqs_per_s"] for r in runs])
+        flops_per_s = _flops_per_unit(bench, size) * _med([r["seqs_per_s"] for r in runs])
+    else:
+        flops_per_s = _flops_per_unit(bench, size) / med
     out = {
         "rounds": len(runs),
         "median_s": med,
@@ -52,9 +53,9 @@ def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
         "rss_after_import_mib": _med([r["rss_after_import_mib"] for r in runs]),
         "rss_after_setup_mib": _med([r["rss_after_setup_mib"] for r in runs]),
-        "gflops": flops / med / 1e9,
-        "share_fp32_peak": flops / med / 1e9 / peaks["fp32"],
-        "share_bf16_peak": flops / med / 1e9 / peaks["bf16"],
+        "gflops": flops_per_s / 1e9,
+        "share_fp32_peak": flops_per_s / 1e9 / peaks["fp32"],
+        "share_bf16_peak": flops_per_s / 1e9 / peaks["bf16"],
         "max_loadavg": max(max(r.get("loadavg_start", 0), r.get("loadavg_end", 0)) for r in runs),
         "max_others_cores": max(r.get("others_cores", float("nan")) for r in runs),
         "contended_rounds": sum(bool(r.get("contended")) for r in runs),

@@ -11,11 +11,11 @@ import copy
 import json
 import pickle
 
-import lightning as L
 import pytest
 import torch
 from test_ppo import data_files, fit, make_module  # noqa: F401 (data_files: fixture)
 from test_reward_model import classifier
+from test_sft import _trainer as sft_trainer
 
 from lit_rlhf.data.comparisons import ComparisonsDataModule
 from lit_rlhf.data.lm_datamodule import DemonstrationsDataModule
@@ -26,19 +26,13 @@ from lit_rlhf.modules.sft import SFTModule
 from lit_rlhf.ops.lm_loss import lm_loss
 
 
-def _trainer(**kwargs):
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+def _bf16_trainer(tmp_path, max_steps):
+    return sft_trainer(
+        tmp_path,
+        max_steps=max_steps,
         limit_val_batches=0,
         precision="bf16-mixed",
         gradient_clip_val=1.0,
-        **kwargs,
     )
 
 
@@ -60,7 +54,7 @@ def test_sft_trains_in_bf16_mixed_with_clipping(tmp_path, tok, tiny_gpt2):
             return float(lm_loss(module(batch), batch["input_ids"], batch["loss_mask"]))
 
     before = loss()
-    trainer = _trainer(max_steps=16)
+    trainer = _bf16_trainer(tmp_path, 16)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 16
     opt = trainer.optimizers[0]
@@ -75,7 +69,7 @@ def test_reward_model_trains_in_bf16_mixed_with_clipping(tmp_path, tok):
     dm = ComparisonsDataModule(_jsonl(tmp_path / "c.jsonl", recs), batch_size=4).connect(tok)
     module = RewardModule(classifier(tok), lr=1e-2, schedule="constant")
     before = [p.detach().clone() for p in module.model.parameters()]
-    trainer = _trainer(max_steps=4)
+    trainer = _bf16_trainer(tmp_path, 4)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 4
     assert any(not torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
