@@ -165,11 +165,13 @@ def main(cfg: DictConfig) -> float | None:
     """
     from lit_rlhf.data.records import DataFormatError
     from lit_rlhf.models.loading import ModelLoadError
+    from lit_rlhf.models.packing import PackedAttentionError
     from lit_rlhf.stages.context import ConfigError, MissingInputError
 
+    errors = (DataFormatError, ModelLoadError, MissingInputError, ConfigError, PackedAttentionError)
     try:
         run(cfg)
-    except (DataFormatError, ModelLoadError, MissingInputError, ConfigError) as err:
+    except errors as err:
         log.error("%s", err)
         raise SystemExit(f"error: {err}") from None
     name = cfg.get("optimized_metric")

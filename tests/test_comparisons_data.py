@@ -80,10 +80,11 @@ def test_datamodule_batch_size_counts_prompts_and_reads_pairwise(tmp_path, tok):
     assert dm.train_pairs == 4 * (3 + 9 + 1) + 3
     batches = list(dm.train_dataloader())
     assert [b["ranks"].shape[0] for b in batches] == [4, 4, 4, 3]
-    for b in batches:
-        assert b["input_ids"].shape[0] == int(b["valid"].sum())
-        # Every row belongs to exactly one slot.
-        assert sorted(b["index"][b["valid"]].tolist()) == list(range(b["input_ids"].shape[0]))
+    for b in batches:  # padding-free by default: responses counted by their lengths
+        assert b["attention_mask"] is None and b["input_ids"].shape[0] <= b["lengths"].shape[0]
+        assert b["lengths"].shape[0] == b["ends"].shape[0] == int(b["valid"].sum())
+        # Every response belongs to exactly one slot.
+        assert sorted(b["index"][b["valid"]].tolist()) == list(range(b["lengths"].shape[0]))
     pairwise_ex = [
         ex for ex in dm.train_examples if len(ex["ranks"]) == 2 and ex["ranks"] == [0, 1]
     ]

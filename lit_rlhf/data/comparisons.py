@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.lm_datamodule import split_train_val
-from lit_rlhf.data.lm_tokenize import TruncationStats, encode_demonstrations
+from lit_rlhf.data.lm_tokenize import TruncationStats, encode_demonstrations, pack_batch
 from lit_rlhf.data.records import DataFormatError, read_records
 
 log = logging.getLogger("lit_rlhf")
@@ -101,30 +101,68 @@ def encode_comparisons(
 
 
 class ComparisonCollator:
-    """Collate prompt groups into one flat, right-padded batch of responses.
+    """Collate prompt groups into one flat batch of responses.
 
     Output for P prompts with at most ``Kmax`` responses and N responses in total:
 
     - ``input_ids``, ``attention_mask``: ``(N, T)``, one row per response (right padded);
+    - padding-free instead: ``input_ids`` and ``position_ids`` ``(R, W)``, the responses
+      packed into R rows as long as the longest one (position ids restart per response),
+      ``attention_mask`` None and ``ends`` ``(N,)``, the flat index ``row * W + column``
+      of each response's last token;
+    - ``lengths``: ``(N,)`` tokens of each response row;
     - ``ranks``: ``(P, Kmax)`` long, ``valid``: ``(P, Kmax)`` bool (slot holds a response);
-    - ``index``: ``(P, Kmax)`` long, the row of each slot (0 in empty slots);
+    - ``index``: ``(P, Kmax)`` long, the response (0..N-1) of each slot (0 in empty slots);
     - ``gold`` ``(P, Kmax)`` float and ``has_gold`` ``(P,)`` bool when any example has gold.
 
     Args:
         pad_token_id: Id written into padding positions (never read: the mask decides).
+        padding_free: Pack the responses (no forward compute on padding).
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, padding_free: bool = False) -> None:
         self.pad_token_id = int(pad_token_id)
+        self.padding_free = padding_free
 
-    def __call__(self, examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        rows = [ids for ex in examples for ids in ex["input_ids"]]
+    def _padded(self, rows: list[list[int]]) -> dict[str, torch.Tensor | None]:
         n, longest = len(rows), max(len(r) for r in rows)
         input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, longest), dtype=torch.long)
         for i, ids in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    @staticmethod
+    def _packed(rows: list[list[int]]) -> dict[str, torch.Tensor | None]:
+        packed, bins = pack_batch([{"input_ids": ids} for ids in rows])
+        width = max(len(r) for r in rows)
+        input_ids = torch.zeros((len(packed), width), dtype=torch.long)
+        position_ids = torch.zeros((len(packed), width), dtype=torch.long)
+        ends = torch.zeros(len(rows), dtype=torch.long)
+        for r, (row, members) in enumerate(zip(packed, bins)):
+            used = len(row["input_ids"])
+            input_ids[r, :used] = torch.tensor(row["input_ids"], dtype=torch.long)
+            position_ids[r, :used] = torch.tensor(row["position_ids"], dtype=torch.long)
+            # The tail is its own never-read sequence (positions from 0, not the pad id,
+            # which transformers warns about in an input without attention mask).
+            input_ids[r, used:] = input_ids[r, 0]
+            position_ids[r, used:] = torch.arange(width - used)
+            offset = r * width
+            for i in members:
+                offset += len(rows[i])
+                ends[i] = offset - 1
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": None,
+            "ends": ends,
+        }
+
+    def __call__(self, examples: Sequence[Mapping]) -> dict[str, torch.Tensor | None]:
+        rows = [ids for ex in examples for ids in ex["input_ids"]]
+        batch = self._packed(rows) if self.padding_free else self._padded(rows)
+        batch["lengths"] = torch.tensor([len(r) for r in rows], dtype=torch.long)
         p, kmax = len(examples), max(len(ex["input_ids"]) for ex in examples)
         ranks = torch.zeros((p, kmax), dtype=torch.long)
         valid = torch.zeros((p, kmax), dtype=torch.bool)
@@ -136,13 +174,7 @@ class ComparisonCollator:
             valid[j, :k] = True
             index[j, :k] = torch.arange(row, row + k)
             row += k
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "ranks": ranks,
-            "valid": valid,
-            "index": index,
-        }
+        batch.update(ranks=ranks, valid=valid, index=index)
         if any("gold" in ex for ex in examples):
             gold = torch.zeros((p, kmax), dtype=torch.float32)
             has_gold = torch.zeros(p, dtype=torch.bool)
@@ -166,6 +198,9 @@ class ComparisonsDataModule(L.LightningDataModule):
         batch_size: Prompts per training batch (InstructGPT: 64).
         eval_batch_size: Prompts per validation batch (defaults to ``batch_size``).
         val_fraction: Share of prompts held out when ``val_source`` is None.
+        padding_free: Pack each batch's responses into rows (no forward compute on padding;
+            the same scores up to float rounding). Needs a model whose attention follows
+            restarting position ids (checked by :class:`~lit_rlhf.modules.reward.RewardModule`).
         num_workers: DataLoader workers.
         seed: Seed of the split and the shuffling.
         limit: Read at most this many records per source.
@@ -180,6 +215,7 @@ class ComparisonsDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.05,
+        padding_free: bool = True,
         num_workers: int = 0,
         seed: int = 0,
         limit: int | None = None,
@@ -194,6 +230,7 @@ class ComparisonsDataModule(L.LightningDataModule):
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.num_workers = val_fraction, num_workers
+        self.padding_free = padding_free
         self.seed, self.limit = seed, limit
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_examples: list[dict] = []
@@ -277,7 +314,7 @@ class ComparisonsDataModule(L.LightningDataModule):
             self.train_examples,
             batch_size=self.batch_size,
             shuffle=True,
-            collate_fn=ComparisonCollator(self.tokenizer.pad_token_id),
+            collate_fn=ComparisonCollator(self.tokenizer.pad_token_id, self.padding_free),
             num_workers=self.num_workers,
         )
 
@@ -286,6 +323,6 @@ class ComparisonsDataModule(L.LightningDataModule):
             self.val_examples,
             batch_size=self.eval_batch_size,
             shuffle=False,
-            collate_fn=ComparisonCollator(self.tokenizer.pad_token_id),
+            collate_fn=ComparisonCollator(self.tokenizer.pad_token_id, self.padding_free),
             num_workers=self.num_workers,
         )

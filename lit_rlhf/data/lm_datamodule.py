@@ -57,7 +57,12 @@ class LMDataModule(L.LightningDataModule):
         batch_size: Sequences (or packed rows) per training batch.
         eval_batch_size: Per validation batch (defaults to ``batch_size``).
         val_fraction: Share held out when ``val_source`` is None.
-        packing: Concatenate examples into ``max_length`` rows with per-example position ids.
+        packing: Concatenate examples into ``max_length`` rows with per-example position ids
+            (fewer, fuller rows per step: ``batch_size`` then counts rows).
+        padding_free: Pack each batch's own examples into rows as long as its longest one
+            (:func:`~lit_rlhf.data.lm_tokenize.pack_batch`): the same examples per step and
+            the same token-mean loss, without compute on padding. Needs a model whose
+            attention follows restarting position ids (checked by the modules).
         num_workers: DataLoader workers.
         seed: Seed of the split and of the shuffling.
         limit: Read at most this many records per source (quick experiments).
@@ -74,6 +79,7 @@ class LMDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         val_fraction: float = 0.05,
         packing: bool = False,
+        padding_free: bool = False,
         num_workers: int = 0,
         seed: int = 0,
         limit: int | None = None,
@@ -88,6 +94,7 @@ class LMDataModule(L.LightningDataModule):
         self.max_length, self.batch_size = max_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.packing = val_fraction, packing
+        self.padding_free = padding_free
         self.num_workers, self.seed, self.limit = num_workers, seed, limit
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.train_examples: list[dict] = []
@@ -142,7 +149,11 @@ class LMDataModule(L.LightningDataModule):
             )
 
     def _collator(self) -> LMCollator:
-        return LMCollator(pad_token_id=self.tokenizer.pad_token_id, packed=self.packing)
+        return LMCollator(
+            pad_token_id=self.tokenizer.pad_token_id,
+            packed=self.packing,
+            padding_free=self.padding_free,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -108,18 +108,82 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
     attend only within an example.
     """
     rows: list[dict] = []
-    cur: dict = {"input_ids": [], "loss_mask": [], "position_ids": []}
+    cur: list[dict] = []
+    used = 0
     for ex in examples:
         n = len(ex["input_ids"])
-        if cur["input_ids"] and len(cur["input_ids"]) + n > max_length:
-            rows.append(cur)
-            cur = {"input_ids": [], "loss_mask": [], "position_ids": []}
-        cur["input_ids"] += ex["input_ids"]
-        cur["loss_mask"] += ex["loss_mask"]
-        cur["position_ids"] += list(range(n))
-    if cur["input_ids"]:
-        rows.append(cur)
+        if cur and used + n > max_length:
+            rows.append(concat_examples(cur))
+            cur, used = [], 0
+        cur.append(ex)
+        used += n
+    if cur:
+        rows.append(concat_examples(cur))
     return rows
+
+
+def concat_examples(examples: list[dict]) -> dict:
+    """One packed row from examples: their per-token lists end to end, positions restarting.
+
+    Naive equivalent: ``{k: sum((ex[k] for ex in examples), []) for k in per-token keys}``
+    with ``position_ids = [0..n1-1, 0..n2-1, ...]`` (existing position ids are kept).
+    """
+    row: dict = {"input_ids": [], "position_ids": []}
+    keys = [k for k in examples[0] if k not in ("input_ids", "position_ids")]
+    for key in keys:
+        row[key] = []
+    for ex in examples:
+        row["input_ids"] += ex["input_ids"]
+        row["position_ids"] += ex.get("position_ids") or list(range(len(ex["input_ids"])))
+        for key in keys:
+            row[key] += ex[key]
+    return row
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group sequence indices into bins whose total length fits ``capacity``.
+
+    Longest first, each into the first bin with room, a new bin when none has: at most
+    11/9 of the optimal number of bins plus one, in O(N * bins) time.
+
+    Args:
+        lengths: (N) sequence lengths, each at most ``capacity``.
+        capacity: Tokens per bin (row).
+
+    Returns:
+        Bins of indices into ``lengths``; every index appears exactly once.
+    """
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a sequence of {max(lengths)} tokens exceeds the capacity {capacity}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def pack_batch(examples: list[dict]) -> tuple[list[dict], list[list[int]]]:
+    """Pack one batch's examples into as few rows as its longest example allows.
+
+    The batch keeps its examples (what a step trains on does not change), only the layout:
+    no token of the forward is padding except the tail of some rows.
+
+    Returns:
+        ``(rows, bins)``: rows as in :func:`concat_examples`; ``bins[r]`` lists the indices
+        of the examples in row ``r``, in their order within the row.
+    """
+    bins = first_fit_decreasing(
+        [len(ex["input_ids"]) for ex in examples],
+        max(len(ex["input_ids"]) for ex in examples),
+    )
+    return [concat_examples([examples[i] for i in b]) for b in bins], bins
 
 
 @dataclass
@@ -129,13 +193,24 @@ class LMCollator:
     Output tensors are (B, T): ``input_ids``, ``loss_mask``, ``position_ids`` and, for
     unpacked batches, ``attention_mask``. Packed batches carry ``attention_mask=None`` so the
     model derives a block-diagonal causal mask from the restarting position ids.
+
+    Args:
+        pad_token_id: Id of padding positions in unpacked batches.
+        packed: The examples are already packed rows (``position_ids`` restart inside).
+        padding_free: Pack each batch's own examples into rows (:func:`pack_batch`): the
+            same examples per step, without the compute spent on padding.
+        pad_to_multiple_of: Round the padded length up to a multiple of this.
     """
 
     pad_token_id: int
     packed: bool = False
+    padding_free: bool = False
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor | None]:
+        packed = self.packed or self.padding_free
+        if self.padding_free:
+            examples, _ = pack_batch(examples)
         longest = max(len(ex["input_ids"]) for ex in examples)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
@@ -157,9 +232,13 @@ class LMCollator:
             # Padding continues as its own "sequence" starting at 0 so that packed-sequence
             # detection never merges it with the last real example.
             pos[i, n:] = torch.arange(longest - n)
+            if packed:
+                # Never read (own sequence, no loss); not the pad id, which transformers
+                # would warn about in an input without attention mask.
+                ids[i, n:] = ids[i, 0]
         return {
             "input_ids": ids,
-            "attention_mask": None if self.packed else attn,
+            "attention_mask": None if packed else attn,
             "loss_mask": loss_mask,
             "position_ids": pos,
         }

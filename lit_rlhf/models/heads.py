@@ -35,13 +35,22 @@ def score_head(model: PreTrainedModel) -> nn.Linear:
 
 
 def backbone_hidden(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final hidden states of the backbone, shape (B, T, H), positions from the mask."""
+    """Final hidden states of the backbone, shape (B, T, H).
+
+    Positions come from the mask unless given; packed rows pass ``attention_mask=None`` and
+    their restarting ``position_ids``.
+    """
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
     out = model.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=position_ids,
         use_cache=False,
     )
     return out.last_hidden_state
@@ -109,6 +118,28 @@ def sequence_scores(
     last = last_true_index(attention_mask.bool()).clamp(min=0)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return apply_score_head(model, pooled)
+
+
+def packed_sequence_scores(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    ends: torch.Tensor,
+) -> torch.Tensor:
+    """Rewards of sequences packed into rows, read at each one's last token.
+
+    Args:
+        model: One-label sequence classifier whose attention follows restarting positions
+            (:func:`~lit_rlhf.models.packing.require_packed_attention`).
+        input_ids: (R, W) packed rows.
+        position_ids: (R, W) positions restarting at 0 at each sequence's start.
+        ends: (N,) flat index ``row * W + column`` of each sequence's last token.
+
+    Returns:
+        (N,) float32 scores, equal to :func:`sequence_scores` on the padded sequences.
+    """
+    hidden = backbone_hidden(model, input_ids, None, position_ids)
+    return apply_score_head(model, hidden.flatten(0, 1)[ends])
 
 
 def token_values(

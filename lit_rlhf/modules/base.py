@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lit_rlhf.models.packing import require_packed_attention
 from lit_rlhf.ops.schedules import lr_multiplier
 
 #: Builds an optimizer from parameters or parameter groups, e.g. ``partial(AdamW, lr=1e-4)``.
@@ -123,6 +124,18 @@ def build_scheduler(
         warmup_start_ratio=warmup_start_ratio,
     )
     return LambdaLR(optimizer, fn)
+
+
+def check_packed_once(module: Any, model: nn.Module, batch: dict) -> None:
+    """Before the first packed batch (no attention mask) reaches ``model``, probe it once.
+
+    Raises :class:`~lit_rlhf.models.packing.PackedAttentionError` for a model that would let
+    packed sequences attend to each other (see :mod:`lit_rlhf.models.packing`).
+    """
+    checked = module.__dict__.setdefault("_packed_attention_checked", set())
+    if batch.get("attention_mask") is None and id(model) not in checked:
+        require_packed_attention(model)
+        checked.add(id(model))
 
 
 def freeze(model: nn.Module) -> nn.Module:

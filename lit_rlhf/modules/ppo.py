@@ -20,6 +20,7 @@ from lit_rlhf.modules.base import (
     OptimizerFactory,
     adamw,
     build_scheduler,
+    check_packed_once,
     freeze,
     materialize,
     trainer_precision,
@@ -338,6 +339,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
 
     def _ptx_loss(self, batch: dict) -> torch.Tensor:
         """LM loss of the policy on a pretraining micro-batch (``ptx_reduction``)."""
+        check_packed_once(self, self.policy, batch)
         logits = self.policy(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),

@@ -1,6 +1,7 @@
 """The reward model: an LM backbone with a scalar head, trained on K-wise comparisons.
 
-One training step scores every response of the batch's P prompts in ONE forward (N rows),
+One training step scores every response of the batch's P prompts in ONE forward (N rows,
+or fewer packed rows when the batch is padding-free),
 regroups the scores per prompt as (P, Kmax) and applies InstructGPT's loss over all untied
 pairs of each prompt (:func:`~lit_rlhf.ops.ranking.kwise_ranking_loss`). The score is read at
 the last real token by the attention mask (:func:`~lit_rlhf.models.heads.sequence_scores`).
@@ -14,10 +15,11 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_rlhf.data.lm_tokenize import encode_demonstrations
-from lit_rlhf.models.heads import sequence_scores
+from lit_rlhf.models.heads import packed_sequence_scores, sequence_scores
 from lit_rlhf.modules.base import (
     ModelOrFactory,
     OptimizerFactory,
+    check_packed_once,
     materialize,
     single_model_optimizers,
 )
@@ -93,8 +95,17 @@ class RewardModule(ShardedModelsMixin, L.LightningModule):
         return sequence_scores(self.model, input_ids, attention_mask)
 
     def rewards(self, batch: dict) -> torch.Tensor:
-        """(P, Kmax) rewards of a collated batch: one forward over all N responses."""
-        scores = self(batch["input_ids"], batch["attention_mask"])
+        """(P, Kmax) rewards of a collated batch: one forward over all N responses.
+
+        Padding-free batches (``attention_mask`` None) are scored from their packed rows.
+        """
+        if batch.get("attention_mask") is None:
+            check_packed_once(self, self.model, batch)
+            scores = packed_sequence_scores(
+                self.model, batch["input_ids"], batch["position_ids"], batch["ends"]
+            )
+        else:
+            scores = self(batch["input_ids"], batch["attention_mask"])
         return grouped_rewards(scores, batch["index"], batch["valid"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torchmetrics.text import Perplexity
 from lit_rlhf.modules.base import (
     ModelOrFactory,
     OptimizerFactory,
+    check_packed_once,
     materialize,
     single_model_optimizers,
 )
@@ -61,6 +62,7 @@ class SFTModule(ShardedModelsMixin, L.LightningModule):
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits (B, T, V) of a collated batch (packed batches carry no attention mask)."""
+        check_packed_once(self, self.model, batch)
         return self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),

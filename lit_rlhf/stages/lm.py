@@ -12,13 +12,21 @@ from lit_rlhf.data.lm_datamodule import DemonstrationsDataModule, PretrainDataMo
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.tiny import build_tiny_causal_lm
 from lit_rlhf.modules.sft import SFTModule
-from lit_rlhf.stages.context import StageContext
+from lit_rlhf.stages.context import ConfigError, StageContext
 
 log = logging.getLogger("lit_rlhf")
 
 
-def _module_kwargs(scfg: dict) -> dict:
+def _module_kwargs(scfg: dict, stage: str) -> dict:
     keys = ("lr", "weight_decay", "schedule", "warmup_steps", "min_lr_ratio", "loss_reduction")
+    packed = [k for k in ("packing", "padding_free") if scfg.get(k)]
+    if packed and scfg.get("loss_reduction") == "sequence_mean":
+        # A packed row holds several sequences; its per-row mean is not a per-sequence mean.
+        raise ConfigError(
+            f"{stage}.loss_reduction=sequence_mean needs one sequence per row, but "
+            f"{stage}.{packed[0]}=true packs several: use token_mean or set "
+            + " and ".join(f"{stage}.{k}=false" for k in packed)
+        )
     return {k: scfg[k] for k in keys if k in scfg}
 
 
@@ -77,7 +85,7 @@ def run_pretrain(ctx: StageContext, stage: str = "pretrain") -> str:
         seed=ctx.cfg.get("seed", 0),
         limit=scfg.get("limit"),
     ).connect(tokenizer)
-    module = SFTModule(model, **_module_kwargs(scfg))
+    module = SFTModule(model, **_module_kwargs(scfg, "pretrain"))
     return _fit(ctx, "pretrain", module, dm, tokenizer, ctx.export_dir("pretrain"))
 
 
@@ -103,8 +111,9 @@ def run_sft(ctx: StageContext, stage: str = "sft") -> str:
         batch_size=scfg["batch_size"],
         val_fraction=scfg.get("val_fraction", 0.05),
         packing=scfg.get("packing", False),
+        padding_free=scfg.get("padding_free", True),
         seed=ctx.cfg.get("seed", 0),
         limit=scfg.get("limit"),
     ).connect(tokenizer)
-    module = SFTModule(model, **_module_kwargs(scfg))
+    module = SFTModule(model, **_module_kwargs(scfg, "sft"))
     return _fit(ctx, "sft", module, dm, tokenizer, ctx.export_dir("sft"))

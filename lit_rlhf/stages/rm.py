@@ -82,6 +82,7 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
         batch_size=rcfg["batch_size"],
         eval_batch_size=rcfg.get("eval_batch_size"),
         val_fraction=rcfg.get("val_fraction", 0.05),
+        padding_free=rcfg.get("padding_free", True),
         seed=ctx.cfg.get("seed", 0),
         limit=rcfg.get("limit"),
     ).connect(tokenizer)
