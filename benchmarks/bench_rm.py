@@ -2,6 +2,8 @@
 
 Pairwise records (K = 2: one pair per prompt), every response exactly ``RM["seq_len"]``
 tokens (prompt + completion + EOS); one step scores the 2 x pairs responses in one forward.
+``--ragged``: responses of random length (18..64 tokens), packed into padding-free rows (the
+kit's default ``rm.padding_free``); ``--kwise``: InstructGPT's K = 4..9 responses per prompt.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ def main() -> None:
     module = RewardModule(
         model, lr=s["lr"], betas=(0.9, 0.999), schedule="linear", min_lr_ratio=0.0
     )
+    data = "kwise.jsonl" if args.kwise else "pairs.jsonl"
+    data = common.RAGGED_FILES["rm"] if args.ragged else data
     # K-wise: a batch element is one prompt with all its K responses (C(K, 2) pairs).
     dm = ComparisonsDataModule(
-        str(art / ("kwise.jsonl" if args.kwise else "pairs.jsonl")),
+        str(art / data),
         max_length=s["seq_len"],
         batch_size=common.RM_KWISE["prompts_per_batch"] if args.kwise else s["pairs_per_batch"],
         val_fraction=0.0,
@@ -49,6 +53,7 @@ def main() -> None:
     seen = {"rows": 0, "tokens": 0, "max_len": 0, "min_len": 1 << 30}
     pairs_per_step: list[int] = []  # every pair of a prompt's K responses (no ties here)
     rows_per_step: list[int] = []
+    lengths_per_step: list[list[int]] = []
 
     class Clock(L.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -56,7 +61,8 @@ def main() -> None:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.tick()
-            lengths = batch["attention_mask"].sum(-1)
+            lengths = batch["lengths"]
+            lengths_per_step.append(lengths.tolist())
             seen["rows"] += int(lengths.shape[0])
             seen["tokens"] += int(lengths.sum())
             seen["max_len"] = max(seen["max_len"], int(batch["input_ids"].shape[1]))
@@ -81,18 +87,23 @@ def main() -> None:
     steps = common.steady(clock.durations(), args.warmup)
     pairs = sum(common.steady(pairs_per_step, args.warmup))
     rows = sum(common.steady(rows_per_step, args.warmup))
+    timed = common.steady(lengths_per_step, args.warmup)
+    tokens = sum(sum(lens) for lens in timed)
+    flops = sum(common.real_step_flops(args.size, lens, lm_head=False) for lens in timed)
+    bench = "rm_kwise" if args.kwise else "rm_ragged" if args.ragged else "rm"
     common.write_result(
         args.out,
         {
             "framework": "lit_rlhf",
-            "bench": "rm_kwise" if args.kwise else "rm",
+            "bench": bench,
             "size": args.size,
             "precision": args.precision,
             "step_s": steps,
             "pairs_per_step": pairs / len(steps),
             "pairs_per_s": pairs / sum(steps),
             "seqs_per_s": rows / sum(steps),
-            "tokens_per_s": rows * s["seq_len"] / sum(steps),
+            "tokens_per_s": tokens / sum(steps),
+            "flops_per_s": flops / sum(steps),
             "fit_wall_s": wall,
             "rss_start_mib": rss_start,
             "rss_after_import_mib": rss_import,

@@ -1,7 +1,9 @@
 """Time SFT training steps of lit_rlhf's SFTModule + DemonstrationsDataModule (one process).
 
 Every demonstration is exactly ``SFT["seq_len"]`` tokens (prompt + completion + EOS), so a
-batch carries no padding and tokens/s counts the same tokens on both sides.
+batch carries no padding and tokens/s counts the same tokens on both sides. With
+``--ragged`` lengths vary (18..64 tokens); tokens/s then counts real tokens only, and the
+batches are padding-free (the kit's default ``sft.padding_free``).
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ def main() -> None:
     # HF Trainer defaults on the TRL side: AdamW betas (0.9, 0.999), linear decay, clip 1.0.
     module = SFTModule(model, lr=s["lr"], betas=(0.9, 0.999), schedule="linear", min_lr_ratio=0.0)
     dm = DemonstrationsDataModule(
-        str(art / "demos.jsonl"),
+        str(art / (common.RAGGED_FILES["sft"] if args.ragged else "demos.jsonl")),
         max_length=s["seq_len"],
         batch_size=s["batch_size"],
         val_fraction=0.0,
+        padding_free=True,
     ).connect(tok)
+    lengths_per_step: list[list[int]] = []  # real tokens of each example, batch by batch
+    make_collator = dm._collator
+    dm._collator = lambda: common.counting_collate(make_collator(), lengths_per_step)
 
     clock = common.StepClock()
     seen: dict[str, int] = {"tokens": 0, "max_len": 0, "min_len": 1 << 30, "loss_tokens": 0}
@@ -51,10 +57,10 @@ def main() -> None:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.tick()
-            lengths = batch["attention_mask"].sum(-1)
-            seen["tokens"] += int(lengths.sum())
+            lengths = lengths_per_step[len(clock.ends) - 1]
+            seen["tokens"] += sum(lengths)
             seen["max_len"] = max(seen["max_len"], int(batch["input_ids"].shape[1]))
-            seen["min_len"] = min(seen["min_len"], int(lengths.min()))
+            seen["min_len"] = min(seen["min_len"], min(lengths))
             seen["loss_tokens"] += int(batch["loss_mask"][:, 1:].sum())
 
     n = args.warmup + args.iters
@@ -71,17 +77,20 @@ def main() -> None:
     trainer.fit(module, dm)
     wall = time.perf_counter() - t0
     steps = common.steady(clock.durations(), args.warmup)
-    tokens_per_step = s["batch_size"] * s["seq_len"]
+    timed = common.steady(lengths_per_step[: len(clock.ends)], args.warmup)
+    tokens = sum(sum(lens) for lens in timed)
+    flops = sum(common.real_step_flops(args.size, lens, lm_head=True) for lens in timed)
     common.write_result(
         args.out,
         {
             "framework": "lit_rlhf",
-            "bench": "sft",
+            "bench": "sft_ragged" if args.ragged else "sft",
             "size": args.size,
             "precision": args.precision,
             "step_s": steps,
-            "tokens_per_step": tokens_per_step,
-            "tokens_per_s": tokens_per_step * len(steps) / sum(steps),
+            "tokens_per_step": tokens / len(steps),
+            "tokens_per_s": tokens / sum(steps),
+            "flops_per_s": flops / sum(steps),
             "fit_wall_s": wall,
             "rss_start_mib": rss_start,
             "rss_after_import_mib": rss_import,

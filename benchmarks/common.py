@@ -54,6 +54,15 @@ RM = {"pairs_per_batch": 8, "seq_len": 64, "prompt_len": 16, "lr": 1e-4}
 #: lit_rlhf trains on the K-wise records (one forward per response, every pair of a prompt in
 #: one batch element); TRL's RewardTrainer takes pairs, so it gets the same pairs expanded.
 RM_KWISE = {"k_min": 4, "k_max": 9, "prompts_per_batch": 2, "n_prompts": 256}
+#: Variable-length data (``--ragged``): the SFT/RM prompts as above, each completion (or
+#: chosen/rejected response) 1 .. seq_len - prompt_len - 1 tokens, uniformly; sequences are
+#: 18..64 tokens with EOS. TRL pads each batch to its longest; lit_rlhf packs it.
+RAGGED_FILES = {"sft": "demos_ragged.jsonl", "rm": "pairs_ragged.jsonl"}
+
+
+def real_step_flops(size: str, lengths: list[int], lm_head: bool) -> float:
+    """Forward + backward FLOPs of one step over sequences of these lengths, padding excluded."""
+    return sum(3 * forward_flops(size, 1, n, n if lm_head else 0) for n in lengths)
 
 
 # ----------------------------------------------------------------------------- process setup
@@ -97,6 +106,11 @@ def child_args(description: str) -> argparse.Namespace:
         "--kwise",
         action="store_true",
         help="RM only: InstructGPT's K-wise comparison data (RM_KWISE) instead of pairs",
+    )
+    p.add_argument(
+        "--ragged",
+        action="store_true",
+        help="SFT/RM only: variable-length sequences (RAGGED_FILES) instead of fixed 64 tokens",
     )
     p.add_argument(
         "--precision",
@@ -290,6 +304,50 @@ def write_kwise(root: Path, tokenizer, rng: random.Random) -> None:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def write_ragged(root: Path, tokenizer, rng: random.Random) -> None:
+    """``demos_ragged.jsonl`` and ``pairs_ragged.jsonl``: responses of random length."""
+    words = _single_token_words(tokenizer)
+    longest = SFT["seq_len"] - SFT["prompt_len"] - 1
+
+    def response() -> str:
+        return _text(rng, words, rng.randint(1, longest))
+
+    demos = [
+        {"prompt": _text(rng, words, SFT["prompt_len"]), "completion": response()}
+        for _ in range(1024)
+    ]
+    pairs = [
+        {
+            "prompt": _text(rng, words, RM["prompt_len"]),
+            "chosen": response(),
+            "rejected": response(),
+        }
+        for _ in range(512)
+    ]
+    for name, rows in ((RAGGED_FILES["sft"], demos), (RAGGED_FILES["rm"], pairs)):
+        with open(root / name, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def counting_collate(collate, lengths_out: list[list[int]], key: str = "input_ids"):
+    """Wrap a collate function to record each batch's sequence lengths (before padding).
+
+    ``key`` names the per-example token list(s); a list of keys records several per example.
+    """
+    keys = [key] if isinstance(key, str) else list(key)
+
+    def collate_and_count(examples):
+        lens = []
+        for ex in examples:
+            for k in keys:
+                v = ex[k]
+                lens += [len(x) for x in v] if v and isinstance(v[0], list) else [len(v)]
+        lengths_out.append(lens)
+        return collate(examples)
+
+    return collate_and_count
+
+
 def build_artifacts(root: str | os.PathLike) -> Path:
     """Write the shared tokenizer, initial weights and data both frameworks load.
 
@@ -301,10 +359,12 @@ def build_artifacts(root: str | os.PathLike) -> Path:
     root = Path(root)
     marker = root / "DONE"
     if marker.exists():
-        if not (root / "kwise.jsonl").exists():  # folders made before the K-wise bench
-            from lit_rlhf.models.loading import load_tokenizer
+        from lit_rlhf.models.loading import load_tokenizer
 
+        if not (root / "kwise.jsonl").exists():  # folders made before the K-wise bench
             write_kwise(root, load_tokenizer(str(root / "tokenizer")), random.Random(1))
+        if not (root / RAGGED_FILES["rm"]).exists():  # ... and before the ragged benches
+            write_ragged(root, load_tokenizer(str(root / "tokenizer")), random.Random(2))
         return root
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -360,5 +420,6 @@ def build_artifacts(root: str | os.PathLike) -> Path:
         ],
     )
     write_kwise(root, tok, random.Random(1))
+    write_ragged(root, tok, random.Random(2))
     marker.write_text("ok\n")
     return root

@@ -17,7 +17,15 @@ TARGETS = {
     ("rm", "20m"): 1.3,
     ("rm_kwise", "1m"): 2.0,
     ("rm_kwise", "20m"): 1.3,
+    ("sft_ragged", "1m"): 2.0,
+    ("sft_ragged", "20m"): 1.3,
+    ("rm_ragged", "1m"): 2.0,
+    ("rm_ragged", "20m"): 1.3,
 }
+#: Every bench, in report order.
+BENCH_ORDER = ["ppo", "sft", "sft_ragged", "rm", "rm_ragged", "rm_kwise"]
+#: Benches whose steps differ in work (K or lengths vary): compared by rate, not step time.
+RATE_BENCHES = {"sft_ragged": "tokens_per_s", "rm_ragged": "pairs_per_s", "rm_kwise": "pairs_per_s"}
 PHASES = ("generation", "scoring", "optimization", "other")
 
 
@@ -25,26 +33,15 @@ def _med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def _flops_per_unit(bench: str, size: str) -> float:
-    """FLOPs of one iteration/step (rm_kwise: of one response, forward + backward)."""
-    if bench == "rm_kwise":
-        return 3 * common.forward_flops(size, 1, common.RM["seq_len"], 0)
-    if bench == "ppo":
-        return common.ppo_iteration_flops(size)["total"]
-    if bench == "sft":
-        return common.sft_step_flops(size)
-    return common.rm_step_flops(size)
-
-
 def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
     """Pool the steady iterations of every round of one framework."""
     key = "iter_s" if bench == "ppo" else "step_s"
     times = [t for r in runs for t in r[key]]
     med = _med(times)
-    if bench == "rm_kwise":  # steps differ in size (K varies): rates, not step times
-        flops_per_s = _flops_per_unit(bench, size) * _med([r["seqs_per_s"] for r in runs])
-    else:
-        flops_per_s = _flops_per_unit(bench, size) / med
+    if bench == "ppo":
+        flops_per_s = common.ppo_iteration_flops(size)["total"] / med
+    else:  # each measurement counted the useful FLOPs of the sequences it trained on
+        flops_per_s = _med([r["flops_per_s"] for r in runs])
     out = {
         "rounds": len(runs),
         "median_s": med,
@@ -77,8 +74,9 @@ def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
             p: per_phase[p] / out["split_median_s"][p] / 1e9
             for p in ("generation", "scoring", "optimization")
         }
-    elif bench == "sft":
-        out["tokens_per_s"] = common.SFT["batch_size"] * common.SFT["seq_len"] / med
+    elif bench.startswith("sft"):
+        out["tokens_per_s"] = _med([r["tokens_per_s"] for r in runs])
+        out["per_round_rate"] = [r["tokens_per_s"] for r in runs]
     else:
         out["pairs_per_s"] = _med([r["pairs_per_s"] for r in runs])
         out["per_round_rate"] = [r["pairs_per_s"] for r in runs]
@@ -114,8 +112,9 @@ def summarize(
                 entry[fw] = _side(ok, bench, size, peaks)
         if "lit_rlhf" in entry and "trl" in entry:
             ours, theirs = entry["lit_rlhf"], entry["trl"]
-            if bench == "rm_kwise":
-                speedup = ours["pairs_per_s"] / theirs["pairs_per_s"]
+            if bench in RATE_BENCHES:
+                rate = RATE_BENCHES[bench]
+                speedup = ours[rate] / theirs[rate]
                 rounds = [o / t for o, t in zip(ours["per_round_rate"], theirs["per_round_rate"])]
             else:
                 speedup = theirs["median_s"] / ours["median_s"]
@@ -171,7 +170,7 @@ def markdown(data: dict) -> str:
         c, o, t = entry["compare"], entry["lit_rlhf"], entry["trl"]
         if bench == "ppo":
             ov, tv = f"{o['median_s']:.3f} s/iter", f"{t['median_s']:.3f} s/iter"
-        elif bench == "sft":
+        elif bench.startswith("sft"):
             ov, tv = f"{o['tokens_per_s']:.0f} tok/s", f"{t['tokens_per_s']:.0f} tok/s"
         else:
             ov, tv = f"{o['pairs_per_s']:.1f} pairs/s", f"{t['pairs_per_s']:.1f} pairs/s"
@@ -209,7 +208,8 @@ def markdown(data: dict) -> str:
                 f"{100 * e['share_bf16_peak']:.1f} | {e['peak_rss_mib']:.0f} | "
                 f"{e['rss_after_import_mib']:.0f} |"
             )
-    for bench, unit in (("sft", "tokens/s"), ("rm", "pairs/s"), ("rm_kwise", "pairs/s")):
+    for bench in BENCH_ORDER[1:]:
+        unit = "tokens/s" if bench.startswith("sft") else "pairs/s"
         if not any(k.startswith(bench + "/") and e for k, e in res.items()):
             continue
         lines += [
@@ -227,7 +227,7 @@ def markdown(data: dict) -> str:
                 if fw not in entry:
                     continue
                 e = entry[fw]
-                rate = e["tokens_per_s"] if bench == "sft" else e["pairs_per_s"]
+                rate = e["tokens_per_s"] if bench.startswith("sft") else e["pairs_per_s"]
                 lines.append(
                     f"| {key.split('/', 1)[1].replace('/', ' | ')} | {fw} | "
                     f"{e['median_s']:.3f} | {rate:.1f} | "
@@ -249,7 +249,8 @@ def markdown(data: dict) -> str:
         "dropped); one iteration/step = from the end of the previous one to its own end, "
         "so every per-step cost of each framework is included.",
         "- FLOP/s counts the same useful model FLOPs for both frameworks (README, "
-        '"FLOP accounting"); a framework doing redundant work shows a lower share '
+        '"FLOP accounting"), from the lengths of the sequences each step trained on; a '
+        "framework doing redundant work (padding, repeated forwards) shows a lower share "
         "(RM_KWISE: the FLOPs of the forwards/backwards each framework runs).",
         "- Peak RSS is `ru_maxrss` of each measurement's own process (imports included; "
         "the after-imports column shows the framework's import footprint).",
@@ -272,6 +273,15 @@ def markdown(data: dict) -> str:
                 f"{e['lit_rlhf']['seqs_per_s']:.1f} vs {e['trl']['seqs_per_s']:.1f}" for e in kw
             )
             + "), so the speed-up is the (K - 1) / 2 pairs each forward serves."
+        )
+    if any(k.split("/")[0] in ("sft_ragged", "rm_ragged") for k in res):
+        lines.append(
+            "- SFT_RAGGED / RM_RAGGED: the same prompts and batch sizes as SFT / RM, responses "
+            "of uniformly random length (sequences of 18..64 tokens). TRL's collators pad each "
+            "batch to its longest sequence (its defaults: `padding_free=False`, no packing); "
+            "lit_rlhf packs each batch's sequences into rows as wide as its longest "
+            "(`padding_free`, its default). Rates count real tokens / pairs only; each "
+            "framework shuffles its own way, so batches differ (hence rates, not step times)."
         )
     gcs = {
         k: e["trl"]["gc_collect_s_per_iter"]
@@ -308,7 +318,7 @@ if __name__ == "__main__":
         data["runs"],
         data["peaks"],
         list(data["settings"]["sizes"]),
-        sorted({r["bench"] for r in data["runs"]}, key=["ppo", "sft", "rm", "rm_kwise"].index),
+        sorted({r["bench"] for r in data["runs"]}, key=BENCH_ORDER.index),
         data["settings"].get("precisions", ["fp32"]),
     )
     src.with_suffix(".md").write_text(markdown(data))

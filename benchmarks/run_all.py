@@ -1,6 +1,6 @@
 """Run every speed benchmark, lit_rlhf against TRL 1.0.0, and write results/latest.{json,md}.
 
-    python benchmarks/run_all.py            # both sizes, 2 alternating rounds (~10-15 min)
+    python benchmarks/run_all.py            # both sizes, 2 alternating rounds (~18 min)
     python benchmarks/run_all.py --quick    # 1 round, few iterations (~3 min, smoke test)
 
 Each measurement is its own subprocess (peak RSS per measurement; the frameworks never share
@@ -24,9 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
 
-BENCHES = ("ppo", "sft", "rm", "rm_kwise")
-#: bench -> (script stem, extra arguments); rm_kwise is the RM bench on K-wise data.
-SCRIPTS = {b: (b, []) for b in ("ppo", "sft", "rm")} | {"rm_kwise": ("rm", ["--kwise"])}
+BENCHES = tuple(report.BENCH_ORDER)
+#: bench -> (script stem, extra arguments); rm_kwise is the RM bench on K-wise data, the
+#: *_ragged ones run on variable-length data.
+SCRIPTS = {b: (b, []) for b in ("ppo", "sft", "rm")} | {
+    "rm_kwise": ("rm", ["--kwise"]),
+    "sft_ragged": ("sft", ["--ragged"]),
+    "rm_ragged": ("rm", ["--ragged"]),
+}
 OURS = {b: common.BENCH_DIR / f"bench_{stem}.py" for b, (stem, _) in SCRIPTS.items()}
 THEIRS = {b: common.BENCH_DIR / "trl_side" / f"{stem}.py" for b, (stem, _) in SCRIPTS.items()}
 
@@ -40,6 +45,10 @@ FULL = {
     ("rm", "20m"): (2, 8),
     ("rm_kwise", "1m"): (3, 20),
     ("rm_kwise", "20m"): (2, 8),
+    ("sft_ragged", "1m"): (3, 20),
+    ("sft_ragged", "20m"): (2, 8),
+    ("rm_ragged", "1m"): (3, 20),
+    ("rm_ragged", "20m"): (2, 8),
 }
 QUICK = {
     ("ppo", "1m"): (1, 3),
@@ -50,6 +59,10 @@ QUICK = {
     ("rm", "20m"): (1, 3),
     ("rm_kwise", "1m"): (2, 6),
     ("rm_kwise", "20m"): (1, 3),
+    ("sft_ragged", "1m"): (2, 6),
+    ("sft_ragged", "20m"): (1, 3),
+    ("rm_ragged", "1m"): (2, 6),
+    ("rm_ragged", "20m"): (1, 3),
 }
 
 
@@ -314,6 +327,7 @@ def main() -> None:
             "sft": common.SFT,
             "rm": common.RM,
             "rm_kwise": common.RM_KWISE,
+            "ragged_files": common.RAGGED_FILES,
             "sizes": common.SIZES,
             "params": {s: common.param_counts(s) for s in sizes},
         },

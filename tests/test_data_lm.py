@@ -1,4 +1,7 @@
-"""Record validation, LM tokenization (masking, truncation, packing), the LM DataModules."""
+"""Record validation, LM tokenization (masking, truncation), collation, the LM DataModules.
+
+Packing (dataset rows and padding-free batches) is tested in tests/test_packing.py.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +21,8 @@ from lit_rlhf.data.lm_tokenize import (
     LMCollator,
     encode_demonstrations,
     encode_texts,
-    pack_examples,
 )
 from lit_rlhf.data.records import DataFormatError, read_records, write_jsonl
-from lit_rlhf.modules.sft import SFTModule
 
 
 def _jsonl(path, lines):
@@ -292,25 +293,6 @@ def test_encode_texts_chunks_without_dropping(byte_tok):
     assert stats.chunks == 2 and stats.examples == 2
 
 
-def test_pack_examples_naive(tok):
-    exs, _ = encode_texts(tok, ["aaaa", "bb", "cccccc", "d", "eeeeeee"], max_length=16)
-    rows = pack_examples(exs, max_length=10)
-    assert all(len(r["input_ids"]) <= 10 for r in rows)
-    # Naive reference: greedy first-fit in order.
-    expected, cur = [], []
-    for ex in exs:
-        if cur and sum(len(e["input_ids"]) for e in cur) + len(ex["input_ids"]) > 10:
-            expected.append(cur)
-            cur = []
-        cur.append(ex)
-    expected.append(cur)
-    assert len(rows) == len(expected)
-    for row, group in zip(rows, expected):
-        assert row["input_ids"] == [t for e in group for t in e["input_ids"]]
-        assert row["loss_mask"] == [m for e in group for m in e["loss_mask"]]
-        assert row["position_ids"] == [p for e in group for p in range(len(e["input_ids"]))]
-
-
 def test_collator_dynamic_padding(byte_tok):
     exs, _ = encode_demonstrations(byte_tok, ["ab", "abcdef"], ["c", "g"], max_length=32)
     batch = LMCollator(pad_token_id=byte_tok.pad_token_id)(exs)
@@ -322,42 +304,6 @@ def test_collator_dynamic_padding(byte_tok):
     assert batch["position_ids"][1].tolist() == list(range(8))
     padded = LMCollator(pad_token_id=byte_tok.pad_token_id, pad_to_multiple_of=5)(exs)
     assert padded["input_ids"].shape == (2, 10)
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_packing_has_no_cross_sample_attention(tok, arch):
-    from lit_rlhf.models.tiny import build_tiny_causal_lm
-
-    model = build_tiny_causal_lm(
-        arch, tokenizer=tok, hidden_size=32, num_layers=2, num_heads=2, seed=0
-    ).eval()
-    exs, _ = encode_demonstrations(
-        tok,
-        ["first prompt ", "b", "a third, longer prompt: ", "x"],
-        ["one", "second answer", "3", "yy"],
-        max_length=64,
-    )
-    rows = pack_examples(exs, max_length=40)
-    assert len(rows) == 2 and len(rows[0]["position_ids"]) != len(rows[1]["position_ids"])
-    batch = LMCollator(pad_token_id=tok.pad_token_id, packed=True)(rows)
-    assert batch["attention_mask"] is None
-    module = SFTModule(model)
-    with torch.no_grad():
-        packed = module(batch)  # the module's own forward (it passes use_cache=False)
-        remaining = iter(exs)
-        for r, row in enumerate(rows):
-            offset = 0
-            while offset < len(row["input_ids"]):
-                ids = next(remaining)["input_ids"]
-                alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-                got = packed[r, offset : offset + len(ids)]
-                torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
-                offset += len(ids)
-        assert next(remaining, None) is None
-        # The check has power: with the default use_cache=True transformers builds a cache,
-        # skips packed-sequence detection and the second example attends to the first.
-        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        assert (leaky[0] - packed[0]).abs().max() > 1e-3
 
 
 # -- DataModules --------------------------------------------------------------------------

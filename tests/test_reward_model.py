@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,14 +11,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from lit_rlhf.callbacks.hf_export import MARKER, atomic_output_dir, is_complete_export
 from lit_rlhf.data.comparisons import ComparisonCollator, ComparisonsDataModule, encode_comparisons
 from lit_rlhf.models.heads import BIAS_ATTR, backbone_hidden, fold_reward_bias, sequence_scores
 from lit_rlhf.models.loading import load_sequence_classifier
-from lit_rlhf.models.tiny import build_tiny_causal_lm, tiny_config
+from lit_rlhf.models.tiny import tiny_config
 from lit_rlhf.modules.reward import RewardModule, demonstration_bias, score_pairs
-from lit_rlhf.stages.context import MissingInputError, StageContext
-from lit_rlhf.stages.rm import comparison_sources, run_rm
 
 SMALL = dict(hidden_size=32, num_layers=2, num_heads=2)
 
@@ -309,122 +305,3 @@ def test_training_loss_falls_and_val_acc_rises(tmp_path, tok):
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["hyper_parameters"]["lr"] == 3e-3
-
-
-# -- the rm stage --------------------------------------------------------------------------
-
-
-def make_ctx(tmp_path, tok, data, **rm):
-    sft = tmp_path / "sft"
-    build_tiny_causal_lm("gpt2", tokenizer=tok, seed=0, **SMALL).save_pretrained(sft)
-    tok.save_pretrained(sft)
-    rcfg = dict(
-        init_from=str(sft),
-        max_length=48,
-        batch_size=8,
-        eval_batch_size=None,
-        max_epochs=2,
-        lr=3e-3,
-        weight_decay=0.0,
-        schedule="cosine",
-        warmup_steps=0,
-        min_lr_ratio=0.1,
-        margin=0.0,
-        dropout=0.0,
-        val_fraction=0.1,
-        bias_samples=None,
-        limit=None,
-        export_dir=None,
-        resume_from=None,
-    )
-    rcfg.update(rm)
-    cfg = {
-        "seed": 0,
-        "stage": {"name": "rm"},
-        "model": {"dtype": "float32", "name_or_path": None},
-        "data": {"fields": {}, **data},
-        "rm": rcfg,
-        "paths": {"exports_dir": str(tmp_path / "exports"), "data_dir": str(tmp_path / "data")},
-    }
-
-    def make_trainer(stage_dir, stage_cfg, callbacks):
-        return L.Trainer(
-            accelerator="cpu",
-            max_epochs=stage_cfg["max_epochs"],
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=stage_dir,
-        )
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    return StageContext(cfg=cfg, run_dir=str(run_dir), make_trainer=make_trainer)
-
-
-def test_run_rm_on_user_comparisons_exports_a_centred_reward_model(tmp_path, tok):
-    val_recs = synthetic_records(12, 1)
-    for r in val_recs:
-        r["gold"] = [float(-x) for x in r["ranks"]]
-    demos = [{"prompt": p, "completion": c} for p, c in DEMOS]
-    data = {
-        "comparisons": write_jsonl(tmp_path / "c.jsonl", synthetic_records(48, 0)),
-        "comparisons_val": write_jsonl(tmp_path / "v.jsonl", val_recs),
-        "demonstrations": write_jsonl(tmp_path / "d.jsonl", demos),
-    }
-    ctx = make_ctx(tmp_path, tok, data)
-    out = run_rm(ctx)
-    assert out == ctx.export_dir("rm") and is_complete_export(out)
-    assert out.startswith(str(tmp_path / "exports" / "rm-"))
-    stage_metrics = json.load(open(tmp_path / "run" / "metrics.json"))
-    export_metrics = json.load(open(f"{out}/metrics.json"))
-    for key in (
-        "val/acc",
-        "val/loss",
-        "val/acc_gold",
-        "val/acc_labels",
-        "rm/bias",
-        "rm/seconds",
-        "rm/pairs_train",
-    ):
-        assert key in stage_metrics and key in export_metrics, key
-    assert stage_metrics["val/acc_labels"] == stage_metrics["val/acc"] > 0.7
-    assert json.load(open(f"{out}/{MARKER}"))["bias"] == pytest.approx(stage_metrics["rm/bias"])
-    # PPO's view: plain transformers loads it and the demonstrations score mean 0.
-    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    scores = plain_demo_scores(plain, tok, [d[0] for d in DEMOS], [d[1] for d in DEMOS])
-    assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4)
-    assert plain.config.num_labels == 1
-
-
-def test_run_rm_reads_label_stage_files(tmp_path, tok):
-    demos = [{"prompt": p, "completion": c} for p, c in DEMOS]
-    ctx = make_ctx(
-        tmp_path,
-        tok,
-        {"comparisons": None, "demonstrations": write_jsonl(tmp_path / "d.jsonl", demos)},
-        max_epochs=1,
-        bias_samples=0,
-        export_dir=str(tmp_path / "my_rm"),
-    )
-    label_dir = ctx.export_dir("label")
-    with atomic_output_dir(label_dir, {"stage": "label"}) as tmp:
-        write_jsonl(Path(tmp) / "comparisons_train.jsonl", synthetic_records(16, 0))
-        write_jsonl(Path(tmp) / "comparisons_val.jsonl", synthetic_records(4, 1))
-    assert comparison_sources(ctx) == (
-        f"{label_dir}/comparisons_train.jsonl",
-        f"{label_dir}/comparisons_val.jsonl",
-    )
-    out = run_rm(ctx)
-    assert out == str(tmp_path / "my_rm")
-    loaded = load_sequence_classifier(out, "float32", 0.0, tok)
-    assert getattr(loaded.config, BIAS_ATTR, 0.0) in (0.0, None)
-
-
-def test_run_rm_missing_init_from_names_the_override(tmp_path, tok):
-    ctx = make_ctx(tmp_path, tok, {"comparisons": "x.jsonl"}, init_from=str(tmp_path / "nope"))
-    with pytest.raises(MissingInputError, match="rm.init_from"):
-        run_rm(ctx)

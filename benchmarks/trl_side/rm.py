@@ -41,6 +41,7 @@ def main() -> None:
     )
     # K-wise comparisons reach TRL as their expanded pairs (its data format).
     data = "kwise_pairs.jsonl" if args.kwise else "pairs.jsonl"
+    data = common.RAGGED_FILES["rm"] if args.ragged else data  # padded to each batch's longest
     records = [json.loads(line) for line in open(art / data)]
     train = datasets.Dataset.from_list(records)
 
@@ -73,6 +74,10 @@ def main() -> None:
     trainer = RewardTrainer(
         model=model, args=config, train_dataset=train, processing_class=tok, callbacks=[Clock()]
     )
+    lengths_per_step: list[list[int]] = []  # real tokens of each response, batch by batch
+    trainer.data_collator = common.counting_collate(
+        trainer.data_collator, lengths_per_step, ["chosen_ids", "rejected_ids"]
+    )
     lengths = [len(x) for x in trainer.train_dataset["chosen_ids"]]
     lengths += [len(x) for x in trainer.train_dataset["rejected_ids"]]
     rss_setup = common.rss_now_mib()
@@ -81,18 +86,22 @@ def main() -> None:
     wall = time.perf_counter() - t0
     steps = common.steady(clock.durations(), args.warmup)
     pairs = s["pairs_per_batch"]
+    timed = common.steady(lengths_per_step[: len(clock.ends)], args.warmup)
+    tokens = sum(sum(lens) for lens in timed)
+    flops = sum(common.real_step_flops(args.size, lens, lm_head=False) for lens in timed)
     common.write_result(
         args.out,
         {
             "framework": "trl",
-            "bench": "rm_kwise" if args.kwise else "rm",
+            "bench": "rm_kwise" if args.kwise else "rm_ragged" if args.ragged else "rm",
             "size": args.size,
             "precision": args.precision,
             "step_s": steps,
             "pairs_per_step": pairs,
             "pairs_per_s": pairs * len(steps) / sum(steps),
             "seqs_per_s": 2 * pairs * len(steps) / sum(steps),
-            "tokens_per_s": 2 * pairs * s["seq_len"] * len(steps) / sum(steps),
+            "tokens_per_s": tokens / sum(steps),
+            "flops_per_s": flops / sum(steps),
             "fit_wall_s": wall,
             "rss_start_mib": rss_start,
             "rss_after_import_mib": rss_import,

@@ -1,9 +1,11 @@
 """Time SFT steps of TRL 1.0.0's SFTTrainer on the shared demonstrations (TRL venv).
 
 Prompt-completion records (loss on completion + EOS, as lit_rlhf), batch and length as
-benchmarks/bench_sft.py; fp32 and no gradient checkpointing (TRL's config defaults are bf16
-and checkpointing, which would change the work). Everything else is TRL's default (fused
-AdamW, gradient clipping at 1.0, per-step entropy/accuracy metrics, logging every 10 steps).
+benchmarks/bench_sft.py (``--ragged``: variable lengths, which TRL's default collator pads
+to each batch's longest; tokens/s counts real tokens); the precision of ``--precision`` and
+no gradient checkpointing (TRL's config default, which would change the work). Everything
+else is TRL's default (fused AdamW, gradient clipping at 1.0, per-step entropy/accuracy
+metrics, logging every 10 steps).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def main() -> None:
     s = common.SFT
     tok = AutoTokenizer.from_pretrained(art / "tokenizer")
     model = AutoModelForCausalLM.from_pretrained(art / args.size / "policy", dtype=torch.float32)
-    records = [json.loads(line) for line in open(art / "demos.jsonl")]
+    data = common.RAGGED_FILES["sft"] if args.ragged else "demos.jsonl"
+    records = [json.loads(line) for line in open(art / data)]
     train = datasets.Dataset.from_list(records)
 
     clock = common.StepClock()
@@ -72,6 +75,8 @@ def main() -> None:
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=train, processing_class=tok, callbacks=[Clock()]
     )
+    lengths_per_step: list[list[int]] = []  # real tokens of each example, batch by batch
+    trainer.data_collator = common.counting_collate(trainer.data_collator, lengths_per_step)
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
     loss_tokens = [sum(m) for m in trainer.train_dataset["completion_mask"]]
     rss_setup = common.rss_now_mib()
@@ -79,17 +84,20 @@ def main() -> None:
     trainer.train()
     wall = time.perf_counter() - t0
     steps = common.steady(clock.durations(), args.warmup)
-    tokens_per_step = s["batch_size"] * s["seq_len"]
+    timed = common.steady(lengths_per_step[: len(clock.ends)], args.warmup)
+    tokens = sum(sum(lens) for lens in timed)
+    flops = sum(common.real_step_flops(args.size, lens, lm_head=True) for lens in timed)
     common.write_result(
         args.out,
         {
             "framework": "trl",
-            "bench": "sft",
+            "bench": "sft_ragged" if args.ragged else "sft",
             "size": args.size,
             "precision": args.precision,
             "step_s": steps,
-            "tokens_per_step": tokens_per_step,
-            "tokens_per_s": tokens_per_step * len(steps) / sum(steps),
+            "tokens_per_step": tokens / len(steps),
+            "tokens_per_s": tokens / sum(steps),
+            "flops_per_s": flops / sum(steps),
             "fit_wall_s": wall,
             "rss_start_mib": rss_start,
             "rss_after_import_mib": rss_import,

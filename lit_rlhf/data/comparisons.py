@@ -107,7 +107,8 @@ class ComparisonCollator:
 
     - ``input_ids``, ``attention_mask``: ``(N, T)``, one row per response (right padded);
     - padding-free instead: ``input_ids`` and ``position_ids`` ``(R, W)``, the responses
-      packed into R rows as long as the longest one (position ids restart per response),
+      packed into R rows (:func:`~lit_rlhf.data.lm_tokenize.pack_batch`; position ids
+      restart per response),
       ``attention_mask`` None and ``ends`` ``(N,)``, the flat index ``row * W + column``
       of each response's last token;
     - ``lengths``: ``(N,)`` tokens of each response row;
@@ -136,7 +137,7 @@ class ComparisonCollator:
     @staticmethod
     def _packed(rows: list[list[int]]) -> dict[str, torch.Tensor | None]:
         packed, bins = pack_batch([{"input_ids": ids} for ids in rows])
-        width = max(len(r) for r in rows)
+        width = max(len(r["input_ids"]) for r in packed)
         input_ids = torch.zeros((len(packed), width), dtype=torch.long)
         position_ids = torch.zeros((len(packed), width), dtype=torch.long)
         ends = torch.zeros(len(rows), dtype=torch.long)
@@ -144,10 +145,8 @@ class ComparisonCollator:
             used = len(row["input_ids"])
             input_ids[r, :used] = torch.tensor(row["input_ids"], dtype=torch.long)
             position_ids[r, :used] = torch.tensor(row["position_ids"], dtype=torch.long)
-            # The tail is its own never-read sequence (positions from 0, not the pad id,
-            # which transformers warns about in an input without attention mask).
+            # The never-read tail: as in LMCollator (position 0, not the pad id).
             input_ids[r, used:] = input_ids[r, 0]
-            position_ids[r, used:] = torch.arange(width - used)
             offset = r * width
             for i in members:
                 offset += len(rows[i])

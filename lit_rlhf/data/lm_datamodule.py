@@ -59,10 +59,11 @@ class LMDataModule(L.LightningDataModule):
         val_fraction: Share held out when ``val_source`` is None.
         packing: Concatenate examples into ``max_length`` rows with per-example position ids
             (fewer, fuller rows per step: ``batch_size`` then counts rows).
-        padding_free: Pack each batch's own examples into rows as long as its longest one
-            (:func:`~lit_rlhf.data.lm_tokenize.pack_batch`): the same examples per step and
-            the same token-mean loss, without compute on padding. Needs a model whose
-            attention follows restarting position ids (checked by the modules).
+        padding_free: Pack each batch's own examples into rows as wide as its longest one
+            (or twice that; :func:`~lit_rlhf.data.lm_tokenize.pack_batch`): the same
+            examples per step and the same token-mean loss, without compute on padding.
+            Needs a model whose attention follows restarting position ids (checked by the
+            modules).
         num_workers: DataLoader workers.
         seed: Seed of the split and of the shuffling.
         limit: Read at most this many records per source (quick experiments).

@@ -126,7 +126,9 @@ def concat_examples(examples: list[dict]) -> dict:
     """One packed row from examples: their per-token lists end to end, positions restarting.
 
     Naive equivalent: ``{k: sum((ex[k] for ex in examples), []) for k in per-token keys}``
-    with ``position_ids = [0..n1-1, 0..n2-1, ...]`` (existing position ids are kept).
+    with ``position_ids = [0..n1-1, 0..n2-1, ...]`` (existing position ids are kept), except
+    that each example's first token is not a loss target: in a row of its own nothing
+    predicts it, and packed after another example it would be predicted from that one.
     """
     row: dict = {"input_ids": [], "position_ids": []}
     keys = [k for k in examples[0] if k not in ("input_ids", "position_ids")]
@@ -136,7 +138,7 @@ def concat_examples(examples: list[dict]) -> dict:
         row["input_ids"] += ex["input_ids"]
         row["position_ids"] += ex.get("position_ids") or list(range(len(ex["input_ids"])))
         for key in keys:
-            row[key] += ex[key]
+            row[key] += [0] + ex[key][1:] if key == "loss_mask" and ex[key] else ex[key]
     return row
 
 
@@ -169,21 +171,46 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_batch(examples: list[dict]) -> tuple[list[dict], list[list[int]]]:
-    """Pack one batch's examples into as few rows as its longest example allows.
+#: Rows twice as wide as the longest example are used only when they save at least this share
+#: of the computed token slots (wider rows cost attention quadratic in their width).
+WIDE_ROWS_MIN_SAVING = 0.1
+
+
+def pack_batch(
+    examples: list[dict], capacity: int | None = None
+) -> tuple[list[dict], list[list[int]]]:
+    """Pack one batch's examples into few rows (padding-free batches).
 
     The batch keeps its examples (what a step trains on does not change), only the layout:
-    no token of the forward is padding except the tail of some rows.
+    the forward computes no padding except the tails of some rows. With the default
+    capacity, rows are as wide as the longest example, so the packed batch never computes
+    more than the padded one (fewer rows, the same width); rows twice as wide are taken
+    instead when they save at least :data:`WIDE_ROWS_MIN_SAVING` of the computed slots,
+    which happens when most examples are longer than half the longest (rows exactly as
+    wide as the longest then hold one example each).
+
+    Args:
+        examples: Per-token dicts (``input_ids`` and any other per-token lists).
+        capacity: Tokens per row; None: chosen per batch as above.
 
     Returns:
         ``(rows, bins)``: rows as in :func:`concat_examples`; ``bins[r]`` lists the indices
         of the examples in row ``r``, in their order within the row.
     """
-    bins = first_fit_decreasing(
-        [len(ex["input_ids"]) for ex in examples],
-        max(len(ex["input_ids"]) for ex in examples),
-    )
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    if capacity:
+        bins = first_fit_decreasing(lengths, capacity)
+    else:
+        bins = first_fit_decreasing(lengths, max(lengths))
+        wide = first_fit_decreasing(lengths, 2 * max(lengths))
+        if _slots(wide, lengths) <= (1 - WIDE_ROWS_MIN_SAVING) * _slots(bins, lengths):
+            bins = wide
     return [concat_examples([examples[i] for i in b]) for b in bins], bins
+
+
+def _slots(bins: list[list[int]], lengths: list[int]) -> int:
+    # Rows x width of a packed batch: what its forward computes.
+    return len(bins) * max(sum(lengths[i] for i in b) for b in bins)
 
 
 @dataclass
@@ -229,13 +256,14 @@ class LMCollator:
                 pos[i, :n] = torch.tensor(ex["position_ids"])
             else:
                 pos[i, :n] = torch.arange(n)
-            # Padding continues as its own "sequence" starting at 0 so that packed-sequence
-            # detection never merges it with the last real example.
-            pos[i, n:] = torch.arange(longest - n)
             if packed:
-                # Never read (own sequence, no loss); not the pad id, which transformers
-                # would warn about in an input without attention mask.
+                # The tail is never read: position 0 makes every tail token a sequence of
+                # its own for packed-sequence detection (never merged with the last real
+                # example, never past the position table however wide the row), and its
+                # ids are not the pad id, which transformers warns about without a mask.
                 ids[i, n:] = ids[i, 0]
+            else:
+                pos[i, n:] = torch.arange(longest - n)
         return {
             "input_ids": ids,
             "attention_mask": None if packed else attn,

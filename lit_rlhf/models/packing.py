@@ -35,8 +35,11 @@ def packed_attention_leak(model: nn.Module) -> float:
         model separates packed sequences, ~1 when it does not.
     """
     device = next(model.parameters()).device
-    vocab = int(getattr(model.config, "vocab_size", 8))
-    ids = torch.tensor([[1, 2, 3, 4, 5]], device=device) % vocab
+    # Ordinary tokens: a pad id in an unmasked input makes transformers print a warning.
+    special = {getattr(model.config, k, None) for k in ("pad_token_id", "eos_token_id")}
+    vocab = int(getattr(model.config, "vocab_size", 16))
+    ordinary = [i for i in range(vocab - 1, -1, -1) if i not in special][:5]
+    ids = torch.tensor([ordinary], device=device)
     pos = torch.tensor([[0, 1, 2, 0, 1]], device=device)
     was_training = model.training
     model.eval()

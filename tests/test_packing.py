@@ -1,4 +1,4 @@
-"""Padding-free batches: bin packing, packed layouts, and equality with padded batches."""
+"""Packing: dataset-level rows, padding-free batches, and the packed-attention probe."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from lit_rlhf.data.comparisons import ComparisonCollator, encode_comparisons
 from lit_rlhf.data.lm_tokenize import (
     LMCollator,
     encode_demonstrations,
+    encode_texts,
     first_fit_decreasing,
     pack_batch,
+    pack_examples,
 )
 from lit_rlhf.models.packing import (
     PackedAttentionError,
@@ -49,15 +51,36 @@ def test_first_fit_decreasing_known_case_and_invariants():
         first_fit_decreasing([3, 9], 8)
 
 
+def _width(rows):
+    return max(len(r["input_ids"]) for r in rows)
+
+
+def test_pack_batch_row_width_rule():
+    def exs(*lengths):
+        return [{"input_ids": [7] * n, "loss_mask": [1] * n} for n in lengths]
+
+    # Short examples fit beside long ones: rows as wide as the longest (never more compute).
+    rows, _ = pack_batch(exs(10, 2, 3, 9, 1, 8))  # [10] [9 1] [8 2] [3]
+    assert len(rows) == 4 and _width(rows) == 10
+    # Equal lengths: wider rows would save nothing, so one example per row.
+    rows, _ = pack_batch(exs(*[8] * 6))
+    assert len(rows) == 6 and _width(rows) == 8
+    # Most longer than half the longest: 7 x 10 = 70 slots, twice as wide 3 x 18 = 54.
+    rows, _ = pack_batch(exs(10, 6, 6, 6, 6, 6, 6))
+    assert len(rows) == 3 and _width(rows) == 18
+    # 4 x 10 = 40 slots vs 2 x 19 = 38 (5 % saved): stays narrow.
+    assert _width(pack_batch(exs(10, 9, 9, 8))[0]) == 10
+    assert _width(pack_batch(exs(10, 9, 9, 8), capacity=30)[0]) == 28  # [10 9 9] [8]
+
+
 def test_pack_batch_rows_hold_the_batch_examples(tok):
     exs, _ = encode_demonstrations(tok, PROMPTS, COMPLETIONS, max_length=64)
     rows, bins = pack_batch(exs)
-    longest = max(len(ex["input_ids"]) for ex in exs)
     assert len(rows) < len(exs)  # short examples share rows
     for row, members in zip(rows, bins):
-        assert len(row["input_ids"]) <= longest
         assert row["input_ids"] == sum((exs[i]["input_ids"] for i in members), [])
-        assert row["loss_mask"] == sum((exs[i]["loss_mask"] for i in members), [])
+        # An example's first token is never a target (nothing of its own precedes it).
+        assert row["loss_mask"] == sum(([0] + exs[i]["loss_mask"][1:] for i in members), [])
         want_pos = sum((list(range(len(exs[i]["input_ids"]))) for i in members), [])
         assert row["position_ids"] == want_pos
 
@@ -69,7 +92,11 @@ def test_sft_padding_free_batch_gives_the_padded_loss_and_gradient(tok, tiny_lm)
     assert free["attention_mask"] is None
     assert free["input_ids"].shape[0] < padded["input_ids"].shape[0]
     assert tok.pad_token_id not in free["input_ids"][:, -1].tolist()  # no transformers warning
-    assert int(free["loss_mask"].sum()) == int(padded["loss_mask"].sum())
+    # Positions never exceed the longest example's (the position table), however wide a row.
+    assert free["position_ids"].max() < padded["input_ids"].shape[1]
+    # The same targets (a row's first token is never one; the empty prompt makes one such).
+    targets = int(padded["loss_mask"][:, 1:].sum())
+    assert int(free["loss_mask"][:, 1:].sum()) == targets < int(padded["loss_mask"].sum())
     module = SFTModule(tiny_lm())
     grads, losses = [], []
     for batch in (padded, free):
@@ -147,3 +174,61 @@ def test_sequence_mean_with_packed_rows_is_a_config_error(key):
     assert _module_kwargs({"loss_reduction": "token_mean", key: True}, "sft") == {
         "loss_reduction": "token_mean"
     }
+
+
+def test_pack_examples_naive(tok):
+    exs, _ = encode_texts(tok, ["aaaa", "bb", "cccccc", "d", "eeeeeee"], max_length=16)
+    rows = pack_examples(exs, max_length=10)
+    assert all(len(r["input_ids"]) <= 10 for r in rows)
+    # Naive reference: greedy first-fit in order.
+    expected, cur = [], []
+    for ex in exs:
+        if cur and sum(len(e["input_ids"]) for e in cur) + len(ex["input_ids"]) > 10:
+            expected.append(cur)
+            cur = []
+        cur.append(ex)
+    expected.append(cur)
+    assert len(rows) == len(expected)
+    for row, group in zip(rows, expected):
+        assert row["input_ids"] == [t for e in group for t in e["input_ids"]]
+        # Each text's first token is not a target: not predicted from the text before it.
+        assert row["loss_mask"] == [
+            int(i > 0) * m for e in group for i, m in enumerate(e["loss_mask"])
+        ]
+        assert row["position_ids"] == [p for e in group for p in range(len(e["input_ids"]))]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packing_has_no_cross_sample_attention(tok, arch):
+    from lit_rlhf.models.tiny import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(
+        arch, tokenizer=tok, hidden_size=32, num_layers=2, num_heads=2, seed=0
+    ).eval()
+    exs, _ = encode_demonstrations(
+        tok,
+        ["first prompt ", "b", "a third, longer prompt: ", "x"],
+        ["one", "second answer", "3", "yy"],
+        max_length=64,
+    )
+    rows = pack_examples(exs, max_length=40)
+    assert len(rows) == 2 and len(rows[0]["position_ids"]) != len(rows[1]["position_ids"])
+    batch = LMCollator(pad_token_id=tok.pad_token_id, packed=True)(rows)
+    assert batch["attention_mask"] is None
+    module = SFTModule(model)
+    with torch.no_grad():
+        packed = module(batch)  # the module's own forward (it passes use_cache=False)
+        remaining = iter(exs)
+        for r, row in enumerate(rows):
+            offset = 0
+            while offset < len(row["input_ids"]):
+                ids = next(remaining)["input_ids"]
+                alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+                got = packed[r, offset : offset + len(ids)]
+                torch.testing.assert_close(got, alone, rtol=0, atol=1e-5)
+                offset += len(ids)
+        assert next(remaining, None) is None
+        # The check has power: with the default use_cache=True transformers builds a cache,
+        # skips packed-sequence detection and the second example attends to the first.
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        assert (leaky[0] - packed[0]).abs().max() > 1e-3
