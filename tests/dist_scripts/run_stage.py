@@ -140,7 +140,13 @@ def rm_setup(tok, world: int):
     ]
     examples, _, _ = encode_comparisons(tok, records, max_length=48)
     module = RewardModule(_classifier(tok, 1), lr=3e-3, schedule="constant")
-    loader = _loader(examples, RM_BATCH, world, ComparisonCollator(tok.pad_token_id))
+    # Padding-free, as the rm stage's default: the packed path (position ids, ``ends``, the
+    # packed-attention probe) runs under each strategy. These responses are too alike in
+    # length to share rows; data that packs makes Adam amplify rounding noise in the
+    # loss-invariant final-norm and key biases past WEIGHT_ATOL (layout-dependent rounding;
+    # the packed scores themselves equal the padded ones, tests/test_packing.py).
+    collate = ComparisonCollator(tok.pad_token_id, padding_free=True)
+    loader = _loader(examples, RM_BATCH, world, collate)
     return module, {"train_dataloaders": loader}, 2 if world > 1 else 1
 
 
