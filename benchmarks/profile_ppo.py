@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from artifacts import build_artifacts  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     transformers.utils.logging.set_verbosity_error()
-    common.build_artifacts(args.artifacts)
+    build_artifacts(args.artifacts)
     L.seed_everything(0, verbose=False)
     args.iters = 2
     module, dm, _ = bench_ppo.build(args, args.warmup + 2)

@@ -279,9 +279,10 @@ def markdown(data: dict) -> str:
             "- SFT_RAGGED / RM_RAGGED: the same prompts and batch sizes as SFT / RM, responses "
             "of uniformly random length (sequences of 18..64 tokens). TRL's collators pad each "
             "batch to its longest sequence (its defaults: `padding_free=False`, no packing); "
-            "lit_rlhf packs each batch's sequences into rows as wide as its longest "
-            "(`padding_free`, its default). Rates count real tokens / pairs only; each "
-            "framework shuffles its own way, so batches differ (hence rates, not step times)."
+            "lit_rlhf packs each batch's sequences into rows as wide as its longest, or twice "
+            "that when it saves >= 10 % (`padding_free`, its default). Rates count real "
+            "tokens / pairs only; each framework shuffles its own way, so batches differ "
+            "(hence rates, not step times)."
         )
     gcs = {
         k: e["trl"]["gc_collect_s_per_iter"]

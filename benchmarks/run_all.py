@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
+from artifacts import build_artifacts  # noqa: E402
 
 BENCHES = tuple(report.BENCH_ORDER)
 #: bench -> (script stem, extra arguments); rm_kwise is the RM bench on K-wise data, the
@@ -252,7 +253,7 @@ def main() -> None:
 
     t_start = time.perf_counter()
     print("[run_all] building shared artifacts (tokenizer, weights, data) ...", flush=True)
-    artifacts = common.build_artifacts(common.CACHE_DIR / "artifacts")
+    artifacts = build_artifacts(common.CACHE_DIR / "artifacts")
 
     def peak(tag: str) -> dict:
         out = work / f"peak_{tag}.json"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 from test_reward_model import DEMOS, SMALL, plain_demo_scores, synthetic_records, write_jsonl
+from test_sft import _trainer as bare_trainer
 from transformers import AutoModelForSequenceClassification
 
 from lit_rlhf.callbacks.hf_export import MARKER, atomic_output_dir, is_complete_export
@@ -52,17 +52,7 @@ def make_ctx(tmp_path, tok, data, **rm):
     }
 
     def make_trainer(stage_dir, stage_cfg, callbacks):
-        return L.Trainer(
-            accelerator="cpu",
-            max_epochs=stage_cfg["max_epochs"],
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=stage_dir,
-        )
+        return bare_trainer(stage_dir, max_epochs=stage_cfg["max_epochs"], callbacks=callbacks)
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

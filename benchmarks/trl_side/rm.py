@@ -76,7 +76,7 @@ def main() -> None:
     )
     lengths_per_step: list[list[int]] = []  # real tokens of each response, batch by batch
     trainer.data_collator = common.counting_collate(
-        trainer.data_collator, lengths_per_step, ["chosen_ids", "rejected_ids"]
+        trainer.data_collator, lengths_per_step, ("chosen_ids", "rejected_ids")
     )
     lengths = [len(x) for x in trainer.train_dataset["chosen_ids"]]
     lengths += [len(x) for x in trainer.train_dataset["rejected_ids"]]
