@@ -106,6 +106,7 @@ def child_args(description: str) -> argparse.Namespace:
         action="store_true",
         help="SFT/RM only: variable-length sequences (RAGGED_FILES) instead of fixed 64 tokens",
     )
+    p.add_argument("--bench", default=None, help="bench_bare.py only: sft, rm or ppo")
     p.add_argument(
         "--precision",
         choices=PRECISIONS,

@@ -27,6 +27,8 @@ BENCH_ORDER = ["ppo", "sft", "sft_ragged", "rm", "rm_ragged", "rm_kwise"]
 #: Benches whose steps differ in work (K or lengths vary): compared by rate, not step time.
 RATE_BENCHES = {"sft_ragged": "tokens_per_s", "rm_ragged": "pairs_per_s", "rm_kwise": "pairs_per_s"}
 PHASES = ("generation", "scoring", "optimization", "other")
+#: Every side a measurement can come from; "bare" is bench_bare.py's plain-PyTorch floor.
+FRAMEWORKS = ("lit_rlhf", "trl", "bare")
 
 
 def _med(xs):
@@ -95,7 +97,7 @@ def summarize(
     out = {"peak_gflops": peaks, "results": {}, "failed": []}
     for bench, size, prec in ((b, s, p) for b in benches for s in sizes for p in precisions):
         entry = {}
-        for fw in ("lit_rlhf", "trl"):
+        for fw in FRAMEWORKS:
             mine = [
                 r
                 for r in runs
@@ -131,8 +133,49 @@ def summarize(
                 "speed_target_met": speedup >= target,
                 "rss_target_met": rss_ratio <= 1.0 if bench == "ppo" else None,
             }
+        if "bare" in entry and "trl" in entry:
+            floor, theirs = entry["bare"]["median_s"], entry["trl"]["median_s"]
+            entry["ceiling"] = {
+                "bare_s": floor,
+                "ours_over_bare": entry["lit_rlhf"]["median_s"] / floor
+                if "lit_rlhf" in entry
+                else float("nan"),
+                "max_speedup": theirs / floor,
+                "target_reachable": theirs / floor >= TARGETS[(bench, size)],
+            }
         out["results"][f"{bench}/{size}/{prec}"] = entry
     return out
+
+
+def _ceiling_lines(res: dict) -> list[str]:
+    """The bare-PyTorch table: what the model code alone costs, and what that leaves."""
+    rows = [(k, e["ceiling"]) for k, e in res.items() if "ceiling" in e]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Ceiling at equal arithmetic (bare PyTorch)",
+        "",
+        "`bench_bare.py` does the same model work (same models, batches, optimizer, precision) "
+        "in a plain loop over pre-tokenized batches: no framework, no logging, no data "
+        "loader. Its time is what the shared HF model code costs here, so TRL / bare is the "
+        "largest speed-up over TRL that any kit can show without doing less arithmetic, and "
+        "lit_rlhf / bare is our own overhead.",
+        "",
+        "| bench | size | precision | bare PyTorch | lit_rlhf / bare | TRL / bare = largest "
+        "reachable speed-up | target | reachable? |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, c in rows:
+        bench, size, prec = key.split("/")
+        unit = "s/iter" if bench == "ppo" else "s/step"
+        target = TARGETS[(bench, size)]
+        lines.append(
+            f"| {bench.upper()} | {size} | {prec} | {c['bare_s']:.3f} {unit} | "
+            f"{c['ours_over_bare']:.2f}× | {c['max_speedup']:.2f}× | ≥ {target}× | "
+            f"{'yes' if c['target_reachable'] else 'no'} |"
+        )
+    return lines
 
 
 def _f(x, fmt="{:.3f}"):
@@ -195,7 +238,7 @@ def markdown(data: dict) -> str:
     for key, entry in res.items():
         if not key.startswith("ppo/"):
             continue
-        for fw in ("lit_rlhf", "trl"):
+        for fw in FRAMEWORKS:
             if fw not in entry:
                 continue
             e = entry[fw]
@@ -223,7 +266,7 @@ def markdown(data: dict) -> str:
         for key, entry in res.items():
             if not key.startswith(bench + "/"):
                 continue
-            for fw in ("lit_rlhf", "trl"):
+            for fw in FRAMEWORKS:
                 if fw not in entry:
                     continue
                 e = entry[fw]
@@ -235,12 +278,9 @@ def markdown(data: dict) -> str:
                     f"{100 * e['share_bf16_peak']:.1f} | {e['peak_rss_mib']:.0f} | "
                     f"{e['rss_after_import_mib']:.0f} |"
                 )
-    others = [
-        e[fw]["max_others_cores"] for e in res.values() for fw in ("lit_rlhf", "trl") if fw in e
-    ]
-    contended = sum(
-        e[fw]["contended_rounds"] for e in res.values() for fw in ("lit_rlhf", "trl") if fw in e
-    )
+    others = [e[fw]["max_others_cores"] for e in res.values() for fw in FRAMEWORKS if fw in e]
+    contended = sum(e[fw]["contended_rounds"] for e in res.values() for fw in FRAMEWORKS if fw in e)
+    lines += _ceiling_lines(res)
     lines += [
         "",
         "## Notes",

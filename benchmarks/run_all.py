@@ -1,11 +1,12 @@
 """Run every speed benchmark, lit_rlhf against TRL 1.0.0, and write results/latest.{json,md}.
 
-    python benchmarks/run_all.py            # both sizes, 2 alternating rounds (~18 min)
+    python benchmarks/run_all.py            # both sizes, 2 alternating rounds (~20 min)
     python benchmarks/run_all.py --quick    # 1 round, few iterations (~3 min, smoke test)
 
 Each measurement is its own subprocess (peak RSS per measurement; the frameworks never share
 a process); lit_rlhf runs with this interpreter, TRL with the python of a separate virtualenv
-(created by setup_trl_venv.sh when missing). Rounds alternate ours, TRL, ours, TRL.
+(created by setup_trl_venv.sh when missing). Rounds alternate ours, TRL, bare, ours, TRL, bare
+(bare = bench_bare.py, the plain-PyTorch floor of the ppo, sft and rm benches).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ SCRIPTS = {b: (b, []) for b in ("ppo", "sft", "rm")} | {
 }
 OURS = {b: common.BENCH_DIR / f"bench_{stem}.py" for b, (stem, _) in SCRIPTS.items()}
 THEIRS = {b: common.BENCH_DIR / "trl_side" / f"{stem}.py" for b, (stem, _) in SCRIPTS.items()}
+#: The plain-PyTorch floor (bench_bare.py) of the fixed-length benches.
+BARE = common.BENCH_DIR / "bench_bare.py"
+BARE_BENCHES = ("ppo", "sft", "rm")
 
 #: (warmup, timed) iterations per bench and size; quick mode uses QUICK.
 FULL = {
@@ -86,6 +90,11 @@ def parse_args() -> argparse.Namespace:
         help="virtualenv with trl==1.0.0 (env LIT_RLHF_TRL_VENV; created when missing)",
     )
     p.add_argument("--no-trl", action="store_true", help="measure lit_rlhf only")
+    p.add_argument(
+        "--no-bare",
+        action="store_true",
+        help="skip the bare-PyTorch floor (bench_bare.py) of the ppo, sft and rm benches",
+    )
     p.add_argument(
         "--max-others",
         type=float,
@@ -266,10 +275,12 @@ def main() -> None:
     for size, bench, prec in ((s, b, p) for s in sizes for b in benches for p in precisions):
         warmup, iters = plan[(bench, size)]
         for r in range(rounds):
-            sides = [("lit_rlhf", sys.executable, OURS[bench])]
+            sides = [("lit_rlhf", sys.executable, OURS[bench], SCRIPTS[bench][1])]
             if trl_python is not None:
-                sides.append(("trl", str(trl_python), THEIRS[bench]))
-            for name, python, script in sides:
+                sides.append(("trl", str(trl_python), THEIRS[bench], SCRIPTS[bench][1]))
+            if bench in BARE_BENCHES and not args.no_bare:
+                sides.append(("bare", sys.executable, BARE, ["--bench", bench]))
+            for name, python, script, extra in sides:
                 tag = f"{bench}_{size}_{prec}_{name}_r{r}"
                 out = work / f"{tag}.json"
                 cmd = [
@@ -287,7 +298,7 @@ def main() -> None:
                     str(out),
                     "--precision",
                     prec,
-                    *SCRIPTS[bench][1],
+                    *extra,
                 ]
                 print(f"[run_all] {tag} ...", end=" ", flush=True)
                 res = run_child(cmd, work / f"{tag}.log", args)
