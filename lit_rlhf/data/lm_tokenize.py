@@ -198,18 +198,25 @@ def pack_batch(
         of the examples in row ``r``, in their order within the row.
     """
     lengths = [len(ex["input_ids"]) for ex in examples]
-    if capacity:
-        bins = first_fit_decreasing(lengths, capacity)
-    else:
-        bins = first_fit_decreasing(lengths, max(lengths))
-        wide = first_fit_decreasing(lengths, 2 * max(lengths))
-        if _slots(wide, lengths) <= (1 - WIDE_ROWS_MIN_SAVING) * _slots(bins, lengths):
-            bins = wide
+    bins = first_fit_decreasing(lengths, capacity) if capacity else choose_bins(lengths)
     return [concat_examples([examples[i] for i in b]) for b in bins], bins
 
 
-def _slots(bins: list[list[int]], lengths: list[int]) -> int:
-    # Rows x width of a packed batch: what its forward computes.
+def choose_bins(lengths: list[int]) -> list[list[int]]:
+    """Bins (lists of indices into ``lengths``) for the rows of a padding-free batch.
+
+    Rows as wide as the longest sequence, or twice as wide when that saves at least
+    :data:`WIDE_ROWS_MIN_SAVING` of the computed slots (see :func:`pack_batch`).
+    """
+    bins = first_fit_decreasing(lengths, max(lengths))
+    wide = first_fit_decreasing(lengths, 2 * max(lengths))
+    if packed_slots(wide, lengths) <= (1 - WIDE_ROWS_MIN_SAVING) * packed_slots(bins, lengths):
+        return wide
+    return bins
+
+
+def packed_slots(bins: list[list[int]], lengths: list[int]) -> int:
+    """Rows x width of a packed batch: the token slots its forward computes."""
     return len(bins) * max(sum(lengths[i] for i in b) for b in bins)
 
 

@@ -78,5 +78,5 @@ def require_packed_attention(model: nn.Module, where: str = "padding_free/packin
             f"{type(model).__name__} attends across packed sequences (leak ratio {ratio:.2f}): "
             "its attention ignores restarting position_ids. Turn off "
             f"{where} for this model (e.g. sft.padding_free=false, rm.padding_free=false, "
-            "pretrain.packing=false)."
+            "ppo.padding_free=false, pretrain.packing=false)."
         )

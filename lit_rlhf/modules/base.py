@@ -126,15 +126,18 @@ def build_scheduler(
     return LambdaLR(optimizer, fn)
 
 
-def check_packed_once(module: Any, model: nn.Module, batch: dict) -> None:
+def check_packed_once(
+    module: Any, model: nn.Module, batch: dict, where: str = "padding_free/packing"
+) -> None:
     """Before the first packed batch (no attention mask) reaches ``model``, probe it once.
 
     Raises :class:`~lit_rlhf.models.packing.PackedAttentionError` for a model that would let
-    packed sequences attend to each other (see :mod:`lit_rlhf.models.packing`).
+    packed sequences attend to each other (see :mod:`lit_rlhf.models.packing`); ``where``
+    names the options that turn packing off.
     """
     checked = module.__dict__.setdefault("_packed_attention_checked", set())
     if batch.get("attention_mask") is None and id(model) not in checked:
-        require_packed_attention(model)
+        require_packed_attention(model, where)
         checked.add(id(model))
 
 

@@ -89,6 +89,9 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         ptx_reduction: ``token_mean`` (per-token mean NLL over the ptx micro-batch) or
             ``sequence_sum``; gamma's meaning depends on it.
         ema_decay: EMA of the policy weights for evaluation/export (InstructGPT 0.992).
+        padding_free: Run the scoring and training forwards on the rollout's real tokens
+            packed into rows (:mod:`lit_rlhf.packed_rollout`) wherever that costs fewer FLOPs
+            than the padded layout; same numbers up to float rounding.
         synced_gpus: Generate with ``synced_gpus``: every rank keeps running forwards until the
             longest response of all ranks ends. None: on whenever there are several ranks
             (sharded models gather weights in every forward, so a rank that stopped early would
@@ -139,6 +142,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         ptx_reduction: str = "token_mean",
         ema_decay: float | None = None,
         synced_gpus: bool | None = None,
+        padding_free: bool = True,
     ) -> None:
         super().__init__()
         if kl_coef < 0:
@@ -196,10 +200,13 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         # 2. Score: reference log-probs, values, RM score at the last token (the old
         # log-probs come from the sampling pass itself).
         t1 = time.perf_counter()
+        packed = self._pack(ro)
         with torch.no_grad():
-            ro.ref_logprobs, _ = response_logprobs(self.ref_model, ro, hp.temperature)
-            ro.values = response_values(self.value_model, ro).masked_fill(~mask, 0.0)
-            ro.raw_scores = score(self.reward_model, ro)
+            ro.ref_logprobs, _ = response_logprobs(
+                self.ref_model, ro, hp.temperature, packed=packed
+            )
+            ro.values = response_values(self.value_model, ro, packed).masked_fill(~mask, 0.0)
+            ro.raw_scores = score(self.reward_model, ro, packed)
             ro.scores = apply_missing_eos_rule(
                 ro.raw_scores, ro.has_eos, hp.missing_eos_score, hp.missing_eos_penalty
             )
@@ -290,12 +297,13 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
                 for u in range(n_micro):
                     idx = order[m * mb + u * micro : m * mb + (u + 1) * micro]
                     sub = ro.select(idx)
+                    packed = self._pack(sub)
                     last = u == n_micro - 1
                     with self._no_sync(not last):
                         logp, entropy = response_logprobs(
-                            self.policy, sub, hp.temperature, with_entropy=True
+                            self.policy, sub, hp.temperature, with_entropy=True, packed=packed
                         )
-                        values = response_values(self.value_model, sub)
+                        values = response_values(self.value_model, sub, packed)
                         pg_loss, pg = clipped_policy_loss(
                             logp, sub.logprobs, advantages[idx], sub.response_mask, hp.clip_range
                         )

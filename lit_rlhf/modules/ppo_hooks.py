@@ -1,6 +1,7 @@
-"""PPOModule's hooks around the PPO step: distribution, checkpoints and export.
+"""PPOModule's hooks around the PPO step: layout, distribution, checkpoints and export.
 
-Kept apart from the step itself (``ppo.py``) so each file stays readable. Distribution: how a
+Kept apart from the step itself (``ppo.py``) so each file stays readable. Layout: when the
+forwards run padding-free. Distribution: how a
 micro-step skips the gradient reduction, when generation keeps ranks in step. Checkpoints:
 the frozen reference and reward models are left out (they are rebuilt from their export
 paths); the run state (rollout counter, KL controller, score moments, EMA, RNG) goes in.
@@ -15,15 +16,33 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lit_rlhf.modules.base import check_packed_once
 from lit_rlhf.modules.ema import WeightEMA
 from lit_rlhf.modules.sharding import is_sharded, no_gradient_sync, unsharded_copy
+from lit_rlhf.packed_rollout import PackedRollout
 
 #: State-dict prefixes of the frozen models (not checkpointed).
 FROZEN_PREFIXES = ("ref_model.", "reward_model.")
 
 
 class PPOHooksMixin:
-    """Distribution, checkpoint and export hooks of :class:`~lit_rlhf.modules.ppo.PPOModule`."""
+    """Layout, distribution, checkpoint and export hooks of PPOModule."""
+
+    def _pack(self, rollout) -> PackedRollout | None:
+        """The padding-free layout of ``rollout`` for the scoring/training forwards, or None.
+
+        None when ``padding_free`` is off. Before the first packed forward every model is
+        probed once (:func:`~lit_rlhf.modules.base.check_packed_once`): a model whose
+        attention lets packed sequences see each other stops the run with the option to
+        turn off.
+        """
+        if not self.hparams.padding_free:
+            return None
+        for name in self.sharded_attrs:
+            check_packed_once(
+                self, getattr(self, name), {"attention_mask": None}, "ppo.padding_free"
+            )
+        return rollout.pack()
 
     def _no_sync(self, skip: bool):
         """Accumulate a non-boundary micro-step's gradients without reducing them across ranks.

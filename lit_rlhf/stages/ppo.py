@@ -49,6 +49,7 @@ MODULE_KEYS = (
     "max_grad_norm",
     "ema_decay",
     "synced_gpus",
+    "padding_free",
 )
 
 

@@ -50,6 +50,7 @@ from lit_rlhf.modules.reward import RewardModule  # noqa: E402
 from lit_rlhf.modules.sft import SFTModule  # noqa: E402
 from lit_rlhf.modules.sharding import FSDP2Strategy, unsharded_copy  # noqa: E402
 from lit_rlhf.ops.masking import truncate_after_eos  # noqa: E402
+from lit_rlhf.packed_rollout import PackedRollout  # noqa: E402
 from lit_rlhf.rollout import generate as real_generate  # noqa: E402
 from lit_rlhf.rollout import response_logprobs  # noqa: E402
 
@@ -190,6 +191,9 @@ class ScriptedGeneration:
 
 
 def ppo_setup(tok, world: int, workdir: str):
+    # Every scoring/training forward takes the padding-free path (its FLOP rule would keep
+    # some of these tiny-model forwards padded), so it is what runs sharded and replicated.
+    PackedRollout.pays = lambda self, model, lm_head: True
     prompts = os.path.join(workdir, "prompts.jsonl")
     texts = os.path.join(workdir, "texts.jsonl")
     with open(prompts, "w") as fh:
