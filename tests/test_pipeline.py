@@ -48,6 +48,14 @@ def pipeline(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_ppo_progress_bars_know_their_total(pipeline):
+    # The rollout loader is endless; the bar shows n/n_rollouts, not n/? (TQDM) or n/-- (Rich).
+    out = pipeline[2].stdout + pipeline[2].stderr
+    assert "Epoch 0" in out
+    assert "/?" not in out and "/--" not in out
+
+
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_and_reports_finite_numbers(pipeline):
     home, run_dir, proc = pipeline
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -129,7 +129,10 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
         from lit_rlhf.eval.gold import GoldJudge
 
         callbacks.append(GoldTrackingCallback(GoldJudge().score_batch, tokenizer))
-    trainer = ctx.make_trainer(stage_dir, {**pcfg, "max_epochs": -1, "max_steps": -1}, callbacks)
+    # The rollout "dataloader" is endless; limiting it to n_rollouts gives the progress bar
+    # its total (the module stops itself at n_rollouts either way).
+    run_length = {"max_epochs": -1, "max_steps": -1, "limit_train_batches": pcfg["n_rollouts"]}
+    trainer = ctx.make_trainer(stage_dir, {**pcfg, **run_length}, callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=pcfg.get("resume_from"))
     seconds = time.perf_counter() - start
