@@ -84,11 +84,51 @@ def write_ragged(root: Path, tokenizer, rng: random.Random) -> None:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+#: Per-token EOS probability of the ``policy_ragged`` models at initialisation (about).
+RAGGED_EOS_PROB = 1 / 12
+
+
+def write_ragged_policies(root: Path) -> None:
+    """``<size>/policy_ragged``: the policy of ``<size>/policy`` with EOS made likely.
+
+    A random-init model almost never samples EOS (~1/512 per token), so its responses all
+    run to the limit. Here the final LayerNorm gets a bias ``b u`` and the EOS embedding row
+    (tied to the LM head) becomes ``g u`` for one unit vector u: the EOS logit rises by
+    ``b g`` while every other logit moves by ``b (u . w_j)`` ~ 0.07, so each step ends the
+    response with probability ~ :data:`RAGGED_EOS_PROB` and lengths vary from 1 token to
+    the limit. Only pad is suppressed in its generation config.
+    """
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for size in SIZES:
+        out = root / size / "policy_ragged"
+        if (out / "config.json").exists():
+            continue
+        policy = AutoModelForCausalLM.from_pretrained(root / size / "policy")
+        eos, pad = policy.config.eos_token_id, policy.config.pad_token_id
+        d = policy.config.n_embd
+        u = torch.randn(d, generator=torch.Generator().manual_seed(3))
+        u /= u.norm()
+        gain = 1.0
+        # exp(b g + g^2 / 2) / (exp(...) + ~(V - 1)) = p  (the hidden state's u-part ~ N(0, 1))
+        others = VOCAB_SIZE - 1
+        bias = (math.log(RAGGED_EOS_PROB / (1 - RAGGED_EOS_PROB) * others) - gain**2 / 2) / gain
+        with torch.no_grad():
+            policy.transformer.ln_f.bias += bias * u
+            policy.get_input_embeddings().weight[eos] = gain * u
+        policy.generation_config.suppress_tokens = [pad]
+        policy.save_pretrained(out)
+
+
 def build_artifacts(root: str | os.PathLike) -> Path:
     """Write the shared tokenizer, initial weights and data both frameworks load.
 
     Layout: ``tokenizer/``; ``<size>/policy`` (GPT2LMHeadModel, EOS and pad suppressed in
-    its generation config) and ``<size>/rm`` (GPT2ForSequenceClassification, 1 label, used
+    its generation config), ``<size>/policy_ragged`` (:func:`write_ragged_policies`) and
+    ``<size>/rm`` (GPT2ForSequenceClassification, 1 label, used
     as reward model and value init); ``prompts.jsonl``, ``demos.jsonl``, ``pairs.jsonl``.
     Idempotent: an existing complete folder is reused.
     """
@@ -101,6 +141,7 @@ def build_artifacts(root: str | os.PathLike) -> Path:
             write_kwise(root, load_tokenizer(str(root / "tokenizer")), random.Random(1))
         if not (root / RAGGED_FILES["rm"]).exists():  # ... and before the ragged benches
             write_ragged(root, load_tokenizer(str(root / "tokenizer")), random.Random(2))
+        write_ragged_policies(root)  # ... and before ppo_ragged (no-op when present)
         return root
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -157,5 +198,6 @@ def build_artifacts(root: str | os.PathLike) -> Path:
     )
     write_kwise(root, tok, random.Random(1))
     write_ragged(root, tok, random.Random(2))
+    write_ragged_policies(root)
     marker.write_text("ok\n")
     return root

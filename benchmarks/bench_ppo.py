@@ -1,5 +1,8 @@
 """Time PPO iterations of lit_rlhf's PPOModule (one process, one size).
 
+``--ragged``: the policy whose responses end at random lengths (``policy_ragged``), so the
+scoring and training forwards run padding-free (the kit's default ``ppo.padding_free``).
+
 Run by run_all.py; standalone:
     python benchmarks/bench_ppo.py --size 1m --artifacts benchmarks/.cache/artifacts --out r.json
 """
@@ -24,8 +27,11 @@ def build(args, n_rollouts: int):
     art = Path(args.artifacts)
     tok = load_tokenizer(str(art / "tokenizer"))
 
+    # --ragged: the policy whose responses end at random lengths (artifacts.RAGGED_EOS_PROB).
+    policy_dir = art / args.size / ("policy_ragged" if getattr(args, "ragged", False) else "policy")
+
     def lm():
-        return load_causal_lm(str(art / args.size / "policy"), "float32", tokenizer=tok)
+        return load_causal_lm(str(policy_dir), "float32", tokenizer=tok)
 
     def rm():
         return load_sequence_classifier(str(art / args.size / "rm"), "float32", tokenizer=tok)
@@ -100,7 +106,7 @@ def main() -> None:
         args.out,
         {
             "framework": "lit_rlhf",
-            "bench": "ppo",
+            "bench": "ppo_ragged" if args.ragged else "ppo",
             "size": args.size,
             "precision": args.precision,
             "iter_s": total,
@@ -113,6 +119,9 @@ def main() -> None:
                 "query_shape": list(ro.query_ids.shape),
                 "response_shape": list(ro.response_ids.shape),
                 "response_tokens_min": int(ro.response_mask.sum(-1).min()),
+                "response_len_mean": common.steady(
+                    [h["rollout/response_length"] for h in hist], args.warmup
+                ),
                 "query_pad_tokens": int((ro.query_mask == 0).sum()),
                 "iterations": len(hist),
                 "threads_in_run": torch.get_num_threads(),

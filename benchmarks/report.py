@@ -11,6 +11,8 @@ import common
 TARGETS = {
     ("ppo", "1m"): 3.0,
     ("ppo", "20m"): 1.3,
+    ("ppo_ragged", "1m"): 3.0,
+    ("ppo_ragged", "20m"): 1.3,
     ("sft", "1m"): 2.0,
     ("sft", "20m"): 1.3,
     ("rm", "1m"): 2.0,
@@ -23,7 +25,9 @@ TARGETS = {
     ("rm_ragged", "20m"): 1.3,
 }
 #: Every bench, in report order.
-BENCH_ORDER = ["ppo", "sft", "sft_ragged", "rm", "rm_ragged", "rm_kwise"]
+BENCH_ORDER = ["ppo", "ppo_ragged", "sft", "sft_ragged", "rm", "rm_ragged", "rm_kwise"]
+#: The PPO benches (s/iter with a phase split; the others are training throughput).
+PPO_BENCHES = ("ppo", "ppo_ragged")
 #: Benches whose steps differ in work (K or lengths vary): compared by rate, not step time.
 RATE_BENCHES = {"sft_ragged": "tokens_per_s", "rm_ragged": "pairs_per_s", "rm_kwise": "pairs_per_s"}
 PHASES = ("generation", "scoring", "optimization", "other")
@@ -37,11 +41,13 @@ def _med(xs):
 
 def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
     """Pool the steady iterations of every round of one framework."""
-    key = "iter_s" if bench == "ppo" else "step_s"
+    key = "iter_s" if bench in PPO_BENCHES else "step_s"
     times = [t for r in runs for t in r[key]]
     med = _med(times)
     if bench == "ppo":
         flops_per_s = common.ppo_iteration_flops(size)["total"] / med
+    elif bench == "ppo_ragged":  # sampled lengths vary per iteration: not counted
+        flops_per_s = float("nan")
     else:  # each measurement counted the useful FLOPs of the sequences it trained on
         flops_per_s = _med([r["flops_per_s"] for r in runs])
     out = {
@@ -67,7 +73,10 @@ def _side(runs: list[dict], bench: str, size: str, peaks: dict) -> dict:
     ]
     if gc_s:
         out["gc_collect_s_per_iter"] = _med(gc_s)
-    if bench == "ppo":
+    if bench in PPO_BENCHES:
+        out["response_len_mean"] = _med(
+            [x for r in runs for x in r.get("checks", {}).get("response_len_mean", [])]
+        )
         out["split_median_s"] = {
             p: _med([t for r in runs for t in r["split_s"][p]]) for p in PHASES
         }
@@ -131,7 +140,7 @@ def summarize(
                 "rss_ratio": rss_ratio,
                 "target_speedup": target,
                 "speed_target_met": speedup >= target,
-                "rss_target_met": rss_ratio <= 1.0 if bench == "ppo" else None,
+                "rss_target_met": rss_ratio <= 1.0 if bench in PPO_BENCHES else None,
             }
         if "bare" in entry and "trl" in entry:
             floor, theirs = entry["bare"]["median_s"], entry["trl"]["median_s"]
@@ -168,7 +177,7 @@ def _ceiling_lines(res: dict) -> list[str]:
     ]
     for key, c in rows:
         bench, size, prec = key.split("/")
-        unit = "s/iter" if bench == "ppo" else "s/step"
+        unit = "s/iter" if bench in PPO_BENCHES else "s/step"
         target = TARGETS[(bench, size)]
         lines.append(
             f"| {bench.upper()} | {size} | {prec} | {c['bare_s']:.3f} {unit} | "
@@ -211,7 +220,7 @@ def markdown(data: dict) -> str:
         if "compare" not in entry:
             continue
         c, o, t = entry["compare"], entry["lit_rlhf"], entry["trl"]
-        if bench == "ppo":
+        if bench in PPO_BENCHES:
             ov, tv = f"{o['median_s']:.3f} s/iter", f"{t['median_s']:.3f} s/iter"
         elif bench.startswith("sft"):
             ov, tv = f"{o['tokens_per_s']:.0f} tok/s", f"{t['tokens_per_s']:.0f} tok/s"
@@ -228,15 +237,17 @@ def markdown(data: dict) -> str:
         )
     lines += [
         "",
-        "## PPO iteration (median seconds; batch 16 prompts × 16 tokens, 24-token responses, "
-        "4 PPO epochs, 1 minibatch)",
+        "## PPO iteration (median seconds; batch 16 prompts × 16 tokens, responses of 24 "
+        "tokens (PPO_RAGGED: up to 24, ending at a sampled EOS), 4 PPO epochs, 1 minibatch)",
         "",
-        "| size | precision | framework | total | generation | scoring | optimization | other | "
-        "GFLOP/s | % fp32 peak | % bf16 peak | peak RSS MiB | RSS after imports |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bench | size | precision | framework | total | generation | scoring | optimization | "
+        "other | mean response | GFLOP/s | % fp32 peak | % bf16 peak | peak RSS MiB | "
+        "RSS after imports |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, entry in res.items():
-        if not key.startswith("ppo/"):
+        bench, size, prec = key.split("/")
+        if bench not in PPO_BENCHES:
             continue
         for fw in FRAMEWORKS:
             if fw not in entry:
@@ -244,14 +255,15 @@ def markdown(data: dict) -> str:
             e = entry[fw]
             sp = e["split_median_s"]
             lines.append(
-                f"| {key[4:].replace('/', ' | ')} | {fw} | {e['median_s']:.3f} | "
+                f"| {bench.upper()} | {size} | {prec} | {fw} | {e['median_s']:.3f} | "
                 f"{sp['generation']:.3f} | "
                 f"{sp['scoring']:.3f} | {sp['optimization']:.3f} | {sp['other']:.3f} | "
-                f"{e['gflops']:.1f} | {100 * e['share_fp32_peak']:.1f} | "
-                f"{100 * e['share_bf16_peak']:.1f} | {e['peak_rss_mib']:.0f} | "
+                f"{_f(e['response_len_mean'], '{:.1f}')} | "
+                f"{_f(e['gflops'], '{:.1f}')} | {_f(100 * e['share_fp32_peak'], '{:.1f}')} | "
+                f"{_f(100 * e['share_bf16_peak'], '{:.1f}')} | {e['peak_rss_mib']:.0f} | "
                 f"{e['rss_after_import_mib']:.0f} |"
             )
-    for bench in BENCH_ORDER[1:]:
+    for bench in (b for b in BENCH_ORDER if b not in PPO_BENCHES):
         unit = "tokens/s" if bench.startswith("sft") else "pairs/s"
         if not any(k.startswith(bench + "/") and e for k, e in res.items()):
             continue

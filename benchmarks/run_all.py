@@ -33,6 +33,7 @@ SCRIPTS = {b: (b, []) for b in ("ppo", "sft", "rm")} | {
     "rm_kwise": ("rm", ["--kwise"]),
     "sft_ragged": ("sft", ["--ragged"]),
     "rm_ragged": ("rm", ["--ragged"]),
+    "ppo_ragged": ("ppo", ["--ragged"]),
 }
 OURS = {b: common.BENCH_DIR / f"bench_{stem}.py" for b, (stem, _) in SCRIPTS.items()}
 THEIRS = {b: common.BENCH_DIR / "trl_side" / f"{stem}.py" for b, (stem, _) in SCRIPTS.items()}
@@ -44,6 +45,8 @@ BARE_BENCHES = ("ppo", "sft", "rm")
 FULL = {
     ("ppo", "1m"): (2, 8),
     ("ppo", "20m"): (2, 4),
+    ("ppo_ragged", "1m"): (2, 8),
+    ("ppo_ragged", "20m"): (2, 4),
     ("sft", "1m"): (3, 20),
     ("sft", "20m"): (2, 8),
     ("rm", "1m"): (3, 20),
@@ -58,6 +61,8 @@ FULL = {
 QUICK = {
     ("ppo", "1m"): (1, 3),
     ("ppo", "20m"): (1, 1),
+    ("ppo_ragged", "1m"): (1, 3),
+    ("ppo_ragged", "20m"): (1, 1),
     ("sft", "1m"): (2, 6),
     ("sft", "20m"): (1, 3),
     ("rm", "1m"): (2, 6),

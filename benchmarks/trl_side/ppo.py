@@ -57,8 +57,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(art / "tokenizer")
     tok.padding_side = "left"  # never used: every prompt has the same length
 
+    policy_dir = art / args.size / ("policy_ragged" if args.ragged else "policy")
+
     def lm():
-        return AutoModelForCausalLM.from_pretrained(art / args.size / "policy", dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
 
     def rm():
         return AutoModelForSequenceClassification.from_pretrained(
@@ -73,6 +75,7 @@ def main() -> None:
     n = args.warmup + args.iters
 
     marks: dict[str, list[float]] = {"gen0": [], "gen1": [], "opt0": [], "optN": []}
+    lengths: list[float] = []  # mean response length of each rollout
     checks: dict[str, object] = {}
     orig_generation, orig_forward = ppo_mod.batch_generation, ppo_mod.forward
 
@@ -86,6 +89,10 @@ def main() -> None:
         checks["response_eos_or_pad"] = int(
             ((resp == tok.eos_token_id) | (resp == tok.pad_token_id)).sum()
         )
+        # Tokens up to and including the first EOS (what the episode keeps).
+        eos = resp == tok.eos_token_id
+        ends = torch.where(eos.any(1), eos.int().argmax(1) + 1, resp.shape[1])
+        lengths.append(float(ends.float().mean()))
         return out
 
     def timed_forward(model, *a, **k):
@@ -131,7 +138,8 @@ def main() -> None:
         num_ppo_epochs=s["ppo_epochs"],
         response_length=s["response_len"],
         total_episodes=s["batch_size"] * n,
-        stop_token=None,  # EOS is suppressed anyway; nothing to truncate
+        # Fixed lengths: EOS is suppressed, nothing to truncate. Ragged: stop at EOS.
+        stop_token="eos" if args.ragged else None,
         missing_eos_penalty=None,
         temperature=s["temperature"],
         learning_rate=s["lr"],
@@ -194,6 +202,7 @@ def main() -> None:
             "optimizer": type(trainer.optimizer.optimizer).__name__,
             "optimizer_fused": bool(trainer.optimizer.optimizer.defaults.get("fused")),
             "gc_collect_calls": gc_time[1],
+            "response_len_mean": common.steady(lengths, args.warmup),
             "gc_collect_s_per_iter": gc_time[0] / max(1, len(ends)),
         }
     )
@@ -201,7 +210,7 @@ def main() -> None:
         args.out,
         {
             "framework": "trl",
-            "bench": "ppo",
+            "bench": "ppo_ragged" if args.ragged else "ppo",
             "size": args.size,
             "precision": args.precision,
             "iter_s": total,
