@@ -50,8 +50,9 @@ def build(args, n_rollouts: int):
         temperature=s["temperature"],
         max_new_tokens=s["response_len"],
         kl_coef=s["kl_coef"],
-        policy_lr=s["lr"],
-        value_lr=s["lr"],
+        # ppo_ragged: lr 0 on both sides (see common.RAGGED_PPO_LR).
+        policy_lr=common.RAGGED_PPO_LR if getattr(args, "ragged", False) else s["lr"],
+        value_lr=common.RAGGED_PPO_LR if getattr(args, "ragged", False) else s["lr"],
         # TRL's PPOTrainer does not clip gradients; equal work.
         max_grad_norm=None,
     )

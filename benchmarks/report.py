@@ -336,6 +336,16 @@ def markdown(data: dict) -> str:
             "tokens / pairs only; each framework shuffles its own way, so batches differ "
             "(hence rates, not step times)."
         )
+    if any(k.startswith("ppo_ragged/") for k in res):
+        lines.append(
+            "- PPO_RAGGED: the PPO settings with a policy whose responses end at a sampled EOS "
+            "(about 1/12 per token, so 1..24 tokens); both kits stop at EOS, TRL runs its "
+            "forwards on the padded width, lit_rlhf packs them where that is cheaper. Learning "
+            f"rate {common.RAGGED_PPO_LR:g} on both sides, so both keep sampling from the same "
+            "length distribution (at PPO's learning rate the updates shorten responses at a "
+            "different pace in each kit); every forward, backward and optimizer step still "
+            'runs. The "mean response" column shows the lengths each side timed.'
+        )
     gcs = {
         k: e["trl"]["gc_collect_s_per_iter"]
         for k, e in res.items()

@@ -142,7 +142,7 @@ def main() -> None:
         stop_token="eos" if args.ragged else None,
         missing_eos_penalty=None,
         temperature=s["temperature"],
-        learning_rate=s["lr"],
+        learning_rate=common.RAGGED_PPO_LR if args.ragged else s["lr"],
         kl_coef=s["kl_coef"],
         num_sample_generations=0,
         # fp32, no gradient checkpointing (the TRL config defaults are bf16 + checkpointing).
