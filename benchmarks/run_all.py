@@ -1,6 +1,6 @@
 """Run every speed benchmark, lit_rlhf against TRL 1.0.0, and write results/latest.{json,md}.
 
-    python benchmarks/run_all.py            # both sizes, 2 alternating rounds (~20 min)
+    python benchmarks/run_all.py            # both sizes, 2 alternating rounds (~25 min)
     python benchmarks/run_all.py --quick    # 1 round, few iterations (~3 min, smoke test)
 
 Each measurement is its own subprocess (peak RSS per measurement; the frameworks never share
