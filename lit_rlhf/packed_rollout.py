@@ -56,7 +56,9 @@ class PackedRollout:
         R + 1 positions per row, the packed one all of them. Models whose config does not
         give the sizes are not packed.
         """
-        cfg = model.config.get_text_config() if hasattr(model, "config") else None
+        cfg = getattr(model, "config", None)
+        if hasattr(cfg, "get_text_config"):  # multimodal configs nest the LM's sizes
+            cfg = cfg.get_text_config()
         layers = getattr(cfg, "num_hidden_layers", None)
         d = getattr(cfg, "hidden_size", None)
         vocab = getattr(cfg, "vocab_size", None) if lm_head else 0

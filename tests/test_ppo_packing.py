@@ -108,9 +108,13 @@ def test_packing_is_used_only_where_it_costs_less(tok):
     # A huge LM head: packed rows run it on prompt positions too; the padded layout does not.
     assert not pk.pays(model(vocab=10**7), lm_head=True)
     assert pk.pays(model(vocab=16), lm_head=True)
-    # Without the sizes in its config a model is not packed.
+    # Without the sizes in its config (or without a config) a model is not packed.
     no_sizes = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace()))
     assert not pk.pays(no_sizes, lm_head=False)
+    assert not pk.pays(SimpleNamespace(config=SimpleNamespace()), lm_head=False)
+    assert not pk.pays(SimpleNamespace(), lm_head=True)
+    plain = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2, hidden_size=32))
+    assert pk.pays(plain, lm_head=False)  # a plain config object with the sizes works too
 
 
 @pytest.fixture
