@@ -43,6 +43,18 @@ def _optimizer(params, lr: float, steps: int):
     return opt, sched
 
 
+def _update(loss, params, opt, sched, clip: float | None) -> None:
+    """Backward, optional gradient-norm clip, optimizer and scheduler step, zero grads."""
+    import torch
+
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def _sequences(tok, recs, keys: tuple[str, ...]) -> list[list[int]]:
     """prompt + response + EOS per record and response key (every one is seq_len tokens)."""
     return [
@@ -77,11 +89,7 @@ def lm_steps(args, tok, autocast, n: int) -> tuple[list[float], dict]:
             logits = model(input_ids=ids).logits[:, :-1].float()
         nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         loss = (nll * target_mask.flatten()).sum() / target_mask.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _update(loss, model.parameters(), opt, sched, clip=1.0)
         times.append(time.perf_counter() - t)
     tokens = [ids.numel() for ids, _ in batches]
     return times, {"tokens": tokens, "seq_len": int(batches[0][0].shape[1])}
@@ -114,11 +122,7 @@ def rm_steps(args, tok, autocast, n: int) -> tuple[list[float], dict]:
             hidden = model.transformer(input_ids=ids).last_hidden_state[:, -1]
             r = model.score(hidden).float().squeeze(-1)
         loss = -F.logsigmoid(r[0::2] - r[1::2]).mean()  # _sequences interleaves c, r
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _update(loss, model.parameters(), opt, sched, clip=1.0)
         times.append(time.perf_counter() - t)
     return times, {"pairs": [x.shape[0] // 2 for x in batches], "seq_len": batches[0].shape[1]}
 
@@ -196,10 +200,7 @@ def ppo_iterations(args, tok, autocast, n: int) -> tuple[list[float], dict]:
             pg = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
             v_clip = old_values + (v - old_values).clamp(-0.2, 0.2)
             vf = 0.5 * torch.max((v - returns) ** 2, (v_clip - returns) ** 2).mean()
-            (pg + 0.1 * vf).backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            _update(pg + 0.1 * vf, params, opt, sched, clip=None)  # TRL's PPO: no clipping
         t3 = time.perf_counter()
         for k, (a, z) in zip(split, ((t0, t1), (t1, t2), (t2, t3))):
             split[k].append(z - a)

@@ -191,9 +191,7 @@ class ScriptedGeneration:
 
 
 def ppo_setup(tok, world: int, workdir: str):
-    # Every scoring/training forward takes the padding-free path (its FLOP rule would keep
-    # some of these tiny-model forwards padded), so it is what runs sharded and replicated.
-    PackedRollout.pays = lambda self, model, lm_head: True
+    PackedRollout.pays = lambda self, model, lm_head: True  # pack every PPO forward here
     prompts = os.path.join(workdir, "prompts.jsonl")
     texts = os.path.join(workdir, "texts.jsonl")
     with open(prompts, "w") as fh:
