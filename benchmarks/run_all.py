@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
 from artifacts import build_artifacts  # noqa: E402
+from bench_bare import BARE_BENCHES  # noqa: E402
 
 BENCHES = tuple(report.BENCH_ORDER)
 #: bench -> (script stem, extra arguments); rm_kwise is the RM bench on K-wise data, the
@@ -37,9 +38,8 @@ SCRIPTS = {b: (b, []) for b in ("ppo", "sft", "rm")} | {
 }
 OURS = {b: common.BENCH_DIR / f"bench_{stem}.py" for b, (stem, _) in SCRIPTS.items()}
 THEIRS = {b: common.BENCH_DIR / "trl_side" / f"{stem}.py" for b, (stem, _) in SCRIPTS.items()}
-#: The plain-PyTorch floor (bench_bare.py) of the fixed-length benches.
+#: The plain-PyTorch floor of the fixed-length benches (bench_bare.BARE_BENCHES).
 BARE = common.BENCH_DIR / "bench_bare.py"
-BARE_BENCHES = ("ppo", "sft", "rm")
 
 #: (warmup, timed) iterations per bench and size; quick mode uses QUICK.
 FULL = {
