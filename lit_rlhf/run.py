@@ -267,3 +267,69 @@ class SweepSummary(Callback):
             rows, self.x, self.y, self.proxy, os.path.join(sweep_dir, "sweep_summary.png")
         )
         log.info("sweep summary (%d jobs): %s", len(rows), png)
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` when files changed), or None outside git."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+class SeedsSummary(Callback):
+    """Hydra callback: after a multirun over ``seed``, summarize the jobs' metrics.
+
+    Writes ``seeds_summary.{md,json,png}`` into the sweep dir (see
+    :mod:`lit_rlhf.eval.seeds`): a per-seed table, mean ± sd and min per metric, and whether
+    each target was met on every seed. Used by ``experiment=seeds``.
+
+    Args:
+        command: The command line shown in the summary.
+    """
+
+    def __init__(self, command: str = "python train.py -m experiment=seeds") -> None:
+        self.command = command
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        import json
+
+        from lit_rlhf.eval.seeds import write_seeds_summary
+
+        sweep_dir = str(config.hydra.sweep.dir)
+        jobs = []
+        for sub in sorted(os.listdir(sweep_dir), key=lambda s: (len(s), s)):
+            path = os.path.join(sweep_dir, sub, "metrics.json")
+            if not os.path.isfile(path):
+                continue
+            with open(path, encoding="utf-8") as fh:
+                metrics = json.load(fh)
+            seed = sub
+            overrides = os.path.join(sweep_dir, sub, ".hydra", "overrides.yaml")
+            if os.path.isfile(overrides):
+                for line in OmegaConf.load(overrides):
+                    if str(line).startswith("seed="):
+                        seed = str(line).split("=", 1)[1]
+            jobs.append((seed, metrics))
+        if not jobs:
+            log.warning("seeds summary: no job under %s wrote metrics.json", sweep_dir)
+            return
+        summary = write_seeds_summary(jobs, sweep_dir, self.command, _git_commit())
+        failed = [k for k, v in summary["targets"].items() if v["met_on"] < v["of"]]
+        log.info(
+            "seeds summary (%d seeds): %s; targets missed on some seed: %s",
+            len(jobs),
+            os.path.join(sweep_dir, "seeds_summary.md"),
+            ", ".join(failed) or "none",
+        )

@@ -18,7 +18,7 @@ def sample_responses(
     max_new_tokens: int = 40,
     temperature: float = 1.0,
     batch_size: int = 64,
-    max_prompt_length: int = 64,
+    max_prompt_length: int = 128,
     progress: str | None = None,
 ) -> list[list[str]]:
     """Sample ``n_per_prompt[i]`` responses for prompt ``i`` (pure sampling, cut at EOS).

@@ -3,6 +3,7 @@
 import json
 import logging
 import random
+import re
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from lit_rlhf.data import instructions as I
 from lit_rlhf.data import review_world as W
 from lit_rlhf.data.embedded import EmbeddedWorldConfig, build_embedded_world
 from lit_rlhf.data.records import read_records
@@ -42,15 +44,41 @@ def all_bytes(root: Path) -> dict:
 
 
 # -- generators and parser -----------------------------------------------------------------
-def test_parse_instruction_round_trips_every_phrasing_aspect_and_cue():
+def test_parse_instruction_round_trips_every_frame_aspect_and_cue():
     rng = random.Random(0)
-    for phrasing in W.PHRASINGS:
+    for frame in I.FRAMES:
         for aspect in W.ASPECTS:
             for sign in (1, -1):
                 for _ in range(3):
-                    prompt = W.make_prompt(rng, sign, aspect, phrasing)
+                    prompt = W.make_prompt(rng, sign, aspect, frame, None, None, 0.5, 0.5)
                     assert prompt.endswith(W.RESPONSE_CUE)
                     assert W.parse_instruction(prompt) == (sign, aspect)
+
+
+def test_instruction_parts_carry_no_cue_term_or_title_words():
+    cues = {c for cs in W.SENTIMENT_CUES.values() for c in cs}
+    terms = {t for ts in W.ASPECTS.values() for t in ts}
+    titles = {w.lower() for w in (*W._TITLE_A, *W._TITLE_B)}
+    lexicon = SentimentIntensityAnalyzer().lexicon
+    for part in (*I.FRAMES.values(), *I.ASKS, *I.OPENERS, *I.CLOSERS):
+        words = set(W.words_of(part.replace("{a_cue}", " ").replace("{cue}", " ")))
+        assert not words & (cues | terms | titles | set(lexicon)), part
+    for frame in I.FRAMES.values():  # every slot once: one cue, one term, one title
+        slots = [s for s in ("{cue}", "{a_cue}") if s in frame]
+        assert len(slots) == 1 and frame.count(slots[0]) == 1, frame
+        assert frame.count("{term}") == 1 and frame.count("{title}") == 1, frame
+        assert ("{ask}" in frame) != ("{Ask}" in frame), frame
+    assert len(I.FRAMES) * len(I.ASKS) >= 90  # "dozens of frames, built from parts"
+
+
+def test_cue_and_aspect_stand_in_varying_positions():
+    rng = random.Random(0)
+    orders = set()
+    for frame in I.FRAMES:
+        words = W.words_of(I.fill_frame(rng, frame, "harsh", "soundtrack", "Paper River"))
+        orders.add((words.index("harsh") < words.index("soundtrack"), words.index("paper")))
+    assert len({o[0] for o in orders}) == 2  # the cue before and after the aspect
+    assert len({o[1] for o in orders}) >= 5  # the title at many offsets
 
 
 def test_parse_instruction_hand_written_and_errors():
@@ -86,8 +114,10 @@ def test_make_prompt_rejects_bad_arguments():
         W.make_prompt(rng, 0, "acting", "write")
     with pytest.raises(ValueError, match="unknown aspect"):
         W.make_prompt(rng, 1, "lighting", "write")
-    with pytest.raises(ValueError, match="unknown phrasing"):
+    with pytest.raises(ValueError, match="unknown frame"):
         W.make_prompt(rng, 1, "acting", "shout")
+    with pytest.raises(ValueError, match="not a term of aspect"):
+        W.make_prompt(rng, 1, "acting", "review_of", term="plot")
 
 
 def test_only_sentiment_words_carry_vader_valence():
@@ -124,12 +154,14 @@ def test_demonstrations_follow_instructions_imperfectly():
     cfg = EmbeddedWorldConfig()
     judge = GoldJudge()
     rng = random.Random(0)
-    demo, ideal, base = [], [], []
+    demo, ideal, base, echoed = [], [], [], 0
     for _ in range(1500):
         sign = rng.choice((1, -1))
         aspect = rng.choice(cfg.train_aspects())
-        prompt = W.make_prompt(rng, sign, aspect, rng.choice(cfg.train_phrasings()))
-        completion = W.sample_demonstration(rng, sign, aspect, cfg)
+        term = rng.choice(W.ASPECTS[aspect])
+        prompt = W.make_prompt(rng, sign, aspect, rng.choice(cfg.train_frames()), term=term)
+        completion = W.sample_demonstration(rng, sign, aspect, cfg, term)
+        echoed += term in W.words_of(completion.split(".")[0])
         assert completion.startswith(" ") and not completion.startswith("  ")
         assert len(completion.split()) <= cfg.demo_max_words
         assert W.mentions_aspect(completion.split(".")[0], aspect)
@@ -143,13 +175,18 @@ def test_demonstrations_follow_instructions_imperfectly():
     assert statistics.mean(ideal) - statistics.mean(demo) > 0.25
     assert sum(d >= 1.15 for d in demo) / len(demo) < 0.15
     assert abs(statistics.mean(base)) < 0.12  # pretraining text ignores the instruction
+    # the first sentence echoes the instruction's own term as often as configured (plus the
+    # draws that pick the same term by chance)
+    assert cfg.demo_echo_term_prob <= echoed / 1500 < cfg.demo_echo_term_prob + 0.1
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="heldout_aspects"):
         EmbeddedWorldConfig(heldout_aspects=("lighting",))
-    with pytest.raises(ValueError, match="heldout_phrasings"):
-        EmbeddedWorldConfig(heldout_phrasings=tuple(W.PHRASINGS))
+    with pytest.raises(ValueError, match="heldout_frames"):
+        EmbeddedWorldConfig(heldout_frames=tuple(I.FRAMES))
+    with pytest.raises(ValueError, match="heldout_frames"):
+        EmbeddedWorldConfig(heldout_frames=("shout",))
     with pytest.raises(ValueError, match="n_demos_train"):
         EmbeddedWorldConfig(n_demos_train=0)
     with pytest.raises(ValueError, match="demo_match_prob"):
@@ -218,7 +255,6 @@ def test_records_have_the_right_fields_and_splits(tmp_path):
     for prompt in train_prompts:
         assert prompt.endswith(W.RESPONSE_CUE)
         assert W.parse_instruction(prompt)[1] not in cfg.heldout_aspects
-        assert not prompt.startswith(("We saw", "The "))  # the held-out phrasings
 
     evals = read_jsonl(files.prompts_eval)
     assert len(evals) == 80 and len({r["prompt"] for r in evals}) == 80
@@ -228,7 +264,15 @@ def test_records_have_the_right_fields_and_splits(tmp_path):
         sign, aspect = W.parse_instruction(r["prompt"])
         assert (sign, aspect) == ({"positive": 1, "negative": -1}[r["sentiment"]], r["aspect"])
         assert (aspect in cfg.heldout_aspects) == r["heldout_aspect"]
-    assert any(r["heldout_aspect"] for r in evals) and any(r["heldout_phrasing"] for r in evals)
+        assert (r["frame"] in cfg.heldout_frames) == r["heldout_frame"]
+    assert any(r["heldout_aspect"] for r in evals) and any(r["heldout_frame"] for r in evals)
+    for frame in cfg.heldout_frames:
+        # no training prompt matches a held-out frame's pattern
+        pattern = re.compile(
+            ".*".join(re.escape(piece) for piece in re.split(r"\{\w+\}", I.FRAMES[frame]))
+        )
+        assert not any(pattern.search(p) for p in train_prompts), frame
+        assert all(pattern.search(r["prompt"]) for r in evals if r["frame"] == frame)
     # the held-out aspects are still known words of the pretraining corpus
     corpus = " ".join(r["text"] for r in read_jsonl(files.pretrain_train))
     assert all(W.mentions_aspect(corpus, a) for a in cfg.heldout_aspects)

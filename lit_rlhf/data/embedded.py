@@ -6,7 +6,7 @@ One config gives one folder ``<data_dir>/embedded-<fingerprint>`` holding::
     pretrain_train.jsonl, pretrain_val.jsonl   {"text"}                  base-model corpus
     demos_train.jsonl, demos_val.jsonl         {"prompt", "completion"}  SFT demonstrations
     prompts_ppo.jsonl, prompts_comparison.jsonl {"prompt"}               PPO / label prompts
-    prompts_eval.jsonl     {"prompt", "sentiment", "aspect", "heldout_aspect", "heldout_phrasing"}
+    prompts_eval.jsonl     {"prompt", "sentiment", "aspect", "frame", "heldout_aspect", "heldout_frame"}
     tokenizer/             byte-level BPE trained on the pretraining texts
     manifest.json          {"config": ..., "stats": ...}; written last, marks a complete folder
 
@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lit_rlhf.data import instructions as I
 from lit_rlhf.data import review_world as W
 from lit_rlhf.data.records import write_jsonl
 
 log = logging.getLogger("lit_rlhf")
 
 # Bump when the generators change, so folders of an older world are not reused.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _JSONL = (
     "pretrain_train",
     "pretrain_val",
@@ -64,15 +65,21 @@ class EmbeddedWorldConfig:
         n_comparison_prompts: Prompts the label stage samples K responses for.
         n_eval_prompts: Eval prompts (unique, never a training prompt).
         heldout_aspects: Aspects no training prompt or demonstration asks about; eval only.
-        heldout_phrasings: Instruction phrasings kept out of training; eval only.
+        heldout_frames: Instruction frames (keys of
+            :data:`lit_rlhf.data.instructions.FRAMES`) kept out of training; eval only.
         eval_heldout_aspect_prob: Chance that an eval prompt asks about a held-out aspect.
-        eval_heldout_phrasing_prob: Chance that an eval prompt uses a held-out phrasing.
+        eval_heldout_frame_prob: Chance that an eval prompt uses a held-out frame.
+        opener_prob: Chance that an instruction starts with an opening sentence.
+        closer_prob: Chance that an instruction ends with a closing sentence.
         demo_match_prob: Chance that an extra demonstration sentence keeps the requested
             sentiment (otherwise it drifts to the opposite one). At 0.8 the SFT policy's
             samples mostly stay on sentiment, so "more, stronger sentiment" already predicts
             gold without reading the instruction: a first-order signal a ~1M-parameter reward
             model can learn from ~5k ranked responses. At 0.5 the pairs carry only the
             instruction-times-sentiment interaction and the tiny RM stays at chance.
+        demo_echo_term_prob: Chance that a demonstration names the aspect with the
+            instruction's own term (otherwise another term of the aspect). Echoing is what
+            lets a policy answer about aspects it never saw in a demonstration.
         demo_min_extra: Fewest extra sentences after a demonstration's first one.
         demo_max_extra: Most extra sentences after a demonstration's first one.
         demo_max_words: Word limit of a demonstration.
@@ -88,12 +95,15 @@ class EmbeddedWorldConfig:
     n_demos_val: int = 200
     n_ppo_prompts: int = 2000
     n_comparison_prompts: int = 3000
-    n_eval_prompts: int = 256
+    n_eval_prompts: int = 512
     heldout_aspects: tuple[str, ...] = ("costumes", "scenery")
-    heldout_phrasings: tuple[str, ...] = ("we_saw", "topic_first")
+    heldout_frames: tuple[str, ...] = I.DEFAULT_HELDOUT_FRAMES
     eval_heldout_aspect_prob: float = 0.25
-    eval_heldout_phrasing_prob: float = 0.25
+    eval_heldout_frame_prob: float = 0.3
+    opener_prob: float = 0.3
+    closer_prob: float = 0.3
     demo_match_prob: float = 0.8
+    demo_echo_term_prob: float = 0.8
     demo_min_extra: int = 1
     demo_max_extra: int = 3
     demo_max_words: int = 28
@@ -102,7 +112,7 @@ class EmbeddedWorldConfig:
 
     def __post_init__(self) -> None:
         # Hydra hands lists over; tuples keep the config hashable and comparable.
-        for name in ("heldout_aspects", "heldout_phrasings"):
+        for name in ("heldout_aspects", "heldout_frames"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         self._validate()
 
@@ -112,7 +122,7 @@ class EmbeddedWorldConfig:
                 raise ValueError(f"{f.name} must be >= 1, got {getattr(self, f.name)}")
         for name, known, chosen in (
             ("heldout_aspects", W.ASPECTS, self.heldout_aspects),
-            ("heldout_phrasings", W.PHRASINGS, self.heldout_phrasings),
+            ("heldout_frames", I.FRAMES, self.heldout_frames),
         ):
             unknown = [x for x in chosen if x not in known]
             if unknown:
@@ -121,15 +131,18 @@ class EmbeddedWorldConfig:
                 raise ValueError(f"{name} must leave at least one for training, got {chosen}")
         for name in (
             "eval_heldout_aspect_prob",
-            "eval_heldout_phrasing_prob",
+            "eval_heldout_frame_prob",
+            "opener_prob",
+            "closer_prob",
             "demo_match_prob",
+            "demo_echo_term_prob",
             "pretrain_header_prob",
         ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name, held in (
             ("eval_heldout_aspect_prob", self.heldout_aspects),
-            ("eval_heldout_phrasing_prob", self.heldout_phrasings),
+            ("eval_heldout_frame_prob", self.heldout_frames),
         ):
             if getattr(self, name) > 0 and not held:
                 kind = name.split("_")[2]
@@ -153,9 +166,19 @@ class EmbeddedWorldConfig:
         """Aspects that training prompts and demonstrations may ask about."""
         return tuple(a for a in W.ASPECTS if a not in self.heldout_aspects)
 
-    def train_phrasings(self) -> tuple[str, ...]:
-        """Phrasings that training prompts may use."""
-        return tuple(p for p in W.PHRASINGS if p not in self.heldout_phrasings)
+    def train_frames(self) -> tuple[str, ...]:
+        """Instruction frames that training prompts may use."""
+        return tuple(f for f in I.FRAMES if f not in self.heldout_frames)
+
+    def prompt(
+        self, rng: random.Random, sign: int, aspect: str, frame: str, title: str
+    ) -> tuple[str, str]:
+        """``(prompt, aspect term)`` of one instruction drawn with this world's settings."""
+        term = rng.choice(W.ASPECTS[aspect])
+        prompt = W.make_prompt(
+            rng, sign, aspect, frame, title, term, self.opener_prob, self.closer_prob
+        )
+        return prompt, term
 
     def as_dict(self) -> dict[str, Any]:
         """The config as JSON-ready plain values (tuples become lists)."""
@@ -210,21 +233,22 @@ def _stream(cfg: EmbeddedWorldConfig, name: str) -> random.Random:
 
 
 def _train_prompts(rng: random.Random, cfg: EmbeddedWorldConfig, n: int):
-    """Yield ``(prompt, sign, aspect)`` for training prompts (train aspects/phrasings/titles)."""
-    aspects, phrasings = cfg.train_aspects(), cfg.train_phrasings()
+    """Yield ``(prompt, sign, aspect, term)`` for training prompts (train aspects, frames and
+    titles)."""
+    aspects, frames = cfg.train_aspects(), cfg.train_frames()
     titles = W.film_titles(heldout=False)
     for _ in range(n):
         sign = rng.choice((1, -1))
         aspect = rng.choice(aspects)
-        phrasing = rng.choice(phrasings)
-        prompt = W.make_prompt(rng, sign, aspect, phrasing, title=rng.choice(titles))
-        yield prompt, sign, aspect
+        frame = rng.choice(frames)
+        prompt, term = cfg.prompt(rng, sign, aspect, frame, rng.choice(titles))
+        yield prompt, sign, aspect, term
 
 
 def _demonstrations(rng: random.Random, cfg: EmbeddedWorldConfig, n: int) -> list[dict]:
     return [
-        {"prompt": prompt, "completion": W.sample_demonstration(rng, sign, aspect, cfg)}
-        for prompt, sign, aspect in _train_prompts(rng, cfg, n)
+        {"prompt": prompt, "completion": W.sample_demonstration(rng, sign, aspect, cfg, term)}
+        for prompt, sign, aspect, term in _train_prompts(rng, cfg, n)
     ]
 
 
@@ -234,11 +258,11 @@ def _eval_prompts(rng: random.Random, cfg: EmbeddedWorldConfig) -> list[dict]:
     out = []
     for _ in range(100 * cfg.n_eval_prompts):  # repeats are rare; this bound is never reached
         held_aspect = rng.random() < cfg.eval_heldout_aspect_prob
-        held_phrasing = rng.random() < cfg.eval_heldout_phrasing_prob
+        held_frame = rng.random() < cfg.eval_heldout_frame_prob
         sign = rng.choice((1, -1))
         aspect = rng.choice(cfg.heldout_aspects if held_aspect else cfg.train_aspects())
-        phrasing = rng.choice(cfg.heldout_phrasings if held_phrasing else cfg.train_phrasings())
-        prompt = W.make_prompt(rng, sign, aspect, phrasing, title=rng.choice(titles))
+        frame = rng.choice(cfg.heldout_frames if held_frame else cfg.train_frames())
+        prompt, _ = cfg.prompt(rng, sign, aspect, frame, rng.choice(titles))
         if prompt in seen:
             continue
         seen.add(prompt)
@@ -247,8 +271,9 @@ def _eval_prompts(rng: random.Random, cfg: EmbeddedWorldConfig) -> list[dict]:
                 "prompt": prompt,
                 "sentiment": _SIGN_NAMES[sign],
                 "aspect": aspect,
+                "frame": frame,
                 "heldout_aspect": held_aspect,
-                "heldout_phrasing": held_phrasing,
+                "heldout_frame": held_frame,
             }
         )
         if len(out) == cfg.n_eval_prompts:
@@ -264,7 +289,7 @@ def _records(cfg: EmbeddedWorldConfig) -> dict[str, list[dict]]:
         return [{"text": W.sample_pretraining_text(rng, cfg)} for _ in range(n)]
 
     def prompts(name: str, n: int) -> list[dict]:
-        return [{"prompt": p} for p, _, _ in _train_prompts(_stream(cfg, name), cfg, n)]
+        return [{"prompt": p} for p, *_ in _train_prompts(_stream(cfg, name), cfg, n)]
 
     return {
         "pretrain_train": texts("pretrain_train", cfg.n_pretrain_texts),

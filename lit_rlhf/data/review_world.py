@@ -1,4 +1,4 @@
-"""The embedded review world: word lists, prompt phrasings, text generators and the parser.
+"""The embedded review world: word lists, prompts, text generators and the parser.
 
 A tiny, fully generated stand-in for InstructGPT's task distribution. A prompt asks for a film
 review with a requested sentiment (positive/negative) about a requested aspect (acting, plot,
@@ -22,6 +22,8 @@ import functools
 import random
 import re
 from typing import TYPE_CHECKING
+
+from lit_rlhf.data import instructions as I
 
 if TYPE_CHECKING:  # the config module imports this one
     from lit_rlhf.data.embedded import EmbeddedWorldConfig
@@ -48,29 +50,6 @@ ASPECTS: dict[str, tuple[str, ...]] = {
 SENTIMENT_CUES: dict[int, tuple[str, ...]] = {
     1: ("positive", "glowing", "favorable", "enthusiastic"),
     -1: ("negative", "harsh", "critical", "scathing"),
-}
-
-#: Phrasing name -> instruction templates. ``{a_cue}`` is the cue with its article
-#: ("a harsh", "an enthusiastic"). The last two are held out of training by default; they are
-#: the only ones that start with "We saw" or "The ".
-PHRASINGS: dict[str, tuple[str, ...]] = {
-    "write": (
-        "Write a {cue} review of the {term} in {title}.",
-        "Write {a_cue} review of {title} that focuses on its {term}.",
-    ),
-    "be": ("Be {cue} about the {term} in {title}.", "Be {cue} about the {term} of {title}."),
-    "describe": ("Describe the {term} of {title} in {a_cue} way.",),
-    "tell": ("Tell me about the {term} in {title}, and keep it {cue}.",),
-    "give": ("Give {title} {a_cue} review that covers the {term}.",),
-    "question": ("What about the {term} in {title}? Answer with {a_cue} review.",),
-    "we_saw": (
-        "We saw {title} yesterday. Write us {a_cue} review of its {term}.",
-        "We saw {title} last week. What did you think of the {term}? Give {a_cue} answer.",
-    ),
-    "topic_first": (
-        "The {term} of {title} needs {a_cue} review.",
-        "The {term} in {title}, reviewed in {a_cue} tone.",
-    ),
 }
 
 # Title words: no VADER valence, no aspect terms or cues, so a title never moves the gold.
@@ -153,7 +132,7 @@ def words_of(text: str) -> list[str]:
 def vocabulary() -> frozenset[str]:
     """Every word the generators and prompts can produce (lowercase)."""
     pieces = [RESPONSE_CUE, "a an was were", *_TITLE_A, *_TITLE_B, *_BOOSTERS]
-    pieces += [t for ts in PHRASINGS.values() for t in ts]
+    pieces += [*I.FRAMES.values(), *I.ASKS, *I.OPENERS, *I.CLOSERS]
     pieces += [w for ws in (*ASPECTS.values(), *SENTIMENT_CUES.values()) for w in ws]
     pieces += [w for ws in _WORDS.values() for w in ws]
     pieces += [*_ASPECT_SIMPLE, *_ASPECT_BOOSTED, *_ASPECT_STACKED, *_ASPECT_VERB.values()]
@@ -206,10 +185,6 @@ def parse_instruction(prompt: str) -> tuple[int, str]:
     return signs.pop(), aspects.pop()
 
 
-def _with_article(word: str) -> str:
-    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
-
-
 @functools.lru_cache(maxsize=3)
 def film_titles(heldout: bool | None = None) -> tuple[str, ...]:
     """Film titles: those of training prompts (False), of eval prompts (True), or all (None).
@@ -226,28 +201,40 @@ def film_titles(heldout: bool | None = None) -> tuple[str, ...]:
 
 
 def make_prompt(
-    rng: random.Random, sign: int, aspect: str, phrasing: str, title: str | None = None
+    rng: random.Random,
+    sign: int,
+    aspect: str,
+    frame: str,
+    title: str | None = None,
+    term: str | None = None,
+    opener_prob: float = 0.0,
+    closer_prob: float = 0.0,
 ) -> str:
     """One instruction asking for a ``sign`` review of ``aspect``, ending in the response cue.
 
     Args:
-        rng: Source of the random choices (cue, aspect term, template, title).
+        rng: Source of the random choices (cue, aspect term, request verb, opener, closer,
+            title).
         sign: +1 for a positive, -1 for a negative review.
         aspect: A key of :data:`ASPECTS`.
-        phrasing: A key of :data:`PHRASINGS`.
+        frame: A key of :data:`lit_rlhf.data.instructions.FRAMES`.
         title: The film's title; None draws one from all :func:`film_titles`.
+        term: The aspect term to use; None draws one of ``ASPECTS[aspect]``.
+        opener_prob: Chance of an opening sentence before the frame.
+        closer_prob: Chance of a closing sentence after it.
     """
     if sign not in (1, -1):
         raise ValueError(f"sentiment sign must be +1 or -1, got {sign!r}")
     if aspect not in ASPECTS:
         raise ValueError(f"unknown aspect {aspect!r}; known aspects: {sorted(ASPECTS)}")
-    if phrasing not in PHRASINGS:
-        raise ValueError(f"unknown phrasing {phrasing!r}; known phrasings: {sorted(PHRASINGS)}")
+    if frame not in I.FRAMES:
+        raise ValueError(f"unknown frame {frame!r}; known frames: {sorted(I.FRAMES)}")
+    if term is not None and term not in ASPECTS[aspect]:
+        raise ValueError(f"{term!r} is not a term of aspect {aspect!r}: {ASPECTS[aspect]}")
     cue = rng.choice(SENTIMENT_CUES[sign])
-    term = rng.choice(ASPECTS[aspect])
-    template = rng.choice(PHRASINGS[phrasing])
+    term = term if term is not None else rng.choice(ASPECTS[aspect])
     title = title if title is not None else rng.choice(film_titles())
-    text = template.format(cue=cue, a_cue=_with_article(cue), term=term, title=title)
+    text = I.fill_frame(rng, frame, cue, term, title, opener_prob, closer_prob)
     return text + RESPONSE_CUE
 
 
@@ -256,17 +243,23 @@ def _adj(rng: random.Random, sign: int, strong: bool) -> str:
     return rng.choice(_WORDS[f"{'pos' if sign > 0 else 'neg'}_{'strong' if strong else 'mild'}"])
 
 
-def _term(rng: random.Random, aspect: str) -> tuple[str, str]:
-    term = rng.choice(ASPECTS[aspect])
+def _term(rng: random.Random, aspect: str, term: str | None = None) -> tuple[str, str]:
+    term = term or rng.choice(ASPECTS[aspect])
     # Plural terms ("actors", "songs") take "were"; none of the singular ones ends in "s".
     return term, "were" if term.endswith("s") else "was"
 
 
 def _aspect_sentence(
-    rng: random.Random, sign: int, aspect: str, strong: bool, stacked: bool = False
+    rng: random.Random,
+    sign: int,
+    aspect: str,
+    strong: bool,
+    stacked: bool = False,
+    term: str | None = None,
 ) -> str:
-    """One sentence of ``sign`` about ``aspect``; strong ones may boost, stack or use a verb."""
-    t, was = _term(rng, aspect)
+    """One sentence of ``sign`` about ``aspect`` (through ``term`` when given); strong ones may
+    boost, stack or use a verb."""
+    t, was = _term(rng, aspect, term)
     if stacked:
         template = rng.choice(_ASPECT_STACKED)
     elif strong:
@@ -283,7 +276,7 @@ def _aspect_sentence(
 def _verdict(rng: random.Random, sign: int, strong: bool) -> str:
     """A sentence about the whole film, naming no aspect."""
     template = rng.choice(_VERDICT_STRONG[sign] if strong else _VERDICT_MILD)
-    return template.format(a_adj=_with_article(_adj(rng, sign, strong)))
+    return template.format(a_adj=I.with_article(_adj(rng, sign, strong)))
 
 
 def _contrast(rng: random.Random, sign: int, aspect: str, other: str) -> str:
@@ -327,11 +320,17 @@ def sample_pretraining_text(rng: random.Random, cfg: EmbeddedWorldConfig) -> str
 
 
 def sample_demonstration(
-    rng: random.Random, sign: int, aspect: str, cfg: EmbeddedWorldConfig
+    rng: random.Random,
+    sign: int,
+    aspect: str,
+    cfg: EmbeddedWorldConfig,
+    term: str | None = None,
 ) -> str:
     """A labeler-style completion that follows the instruction, imperfectly.
 
-    The first sentence names ``aspect`` with the requested sentiment, mostly in mild words.
+    The first sentence names ``aspect`` with the requested sentiment, mostly in mild words;
+    with probability ``cfg.demo_echo_term_prob`` it uses the instruction's own ``term`` (as a
+    person answering "the soundtrack" says "the soundtrack"), otherwise any term of the aspect.
     Then come ``demo_min_extra..demo_max_extra`` extra sentences about other training aspects
     or the whole film, each on the requested sentiment with probability ``demo_match_prob``
     and against it otherwise, up to ``demo_max_words`` words. The gap to
@@ -341,7 +340,8 @@ def sample_demonstration(
     Returns:
         The completion, starting with exactly one space.
     """
-    sentences = [_aspect_sentence(rng, sign, aspect, strong=rng.random() < 0.25)]
+    echo = term if term is not None and rng.random() < cfg.demo_echo_term_prob else None
+    sentences = [_aspect_sentence(rng, sign, aspect, strong=rng.random() < 0.25, term=echo)]
     n_words = len(sentences[0].split())
     others = [a for a in cfg.train_aspects() if a != aspect] or [aspect]
     for _ in range(rng.randint(cfg.demo_min_extra, cfg.demo_max_extra)):
@@ -372,6 +372,6 @@ def sample_ideal_response(rng: random.Random, sign: int, aspect: str) -> str:
     first = _aspect_sentence(rng, sign, aspect, strong=True, stacked=True)
     second = _ASPECT_VERB[sign].format(t=_term(rng, aspect)[0])
     verdicts = rng.sample(_VERDICT_STRONG[sign], 2)
-    closing = [v.format(a_adj=_with_article(_adj(rng, sign, True))) for v in verdicts]
+    closing = [v.format(a_adj=I.with_article(_adj(rng, sign, True))) for v in verdicts]
     middle = [second] if rng.random() < 0.5 else []
     return " " + " ".join([first, *middle, *closing])

@@ -49,7 +49,7 @@ def sample_with_kl(
     max_new_tokens: int = 40,
     temperature: float = 1.0,
     batch_size: int = 64,
-    max_prompt_length: int = 64,
+    max_prompt_length: int = 128,
     desc: str | None = None,
 ) -> PolicySamples:
     """Sample one response per prompt and estimate KL(policy || reference) on it.

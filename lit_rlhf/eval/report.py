@@ -49,6 +49,37 @@ def policy_table(metrics: dict) -> list[list[str]]:
     return rows
 
 
+SPLIT_NAMES = {
+    "seen": "seen frames & aspects",
+    "heldout_frames": "held-out frames",
+    "heldout_aspects": "held-out aspects",
+}
+SPLIT_HEADER = ["policy", "split", "prompts", "gold score", "win rate vs SFT", "mentions aspect"]
+
+
+def split_table(metrics: dict) -> list[list[str]]:
+    """Rows: policy, split, prompts, gold, win rate vs SFT [95 % CI], aspect-mention share."""
+    rows = []
+    for p in _policies(metrics):
+        for split, label in SPLIT_NAMES.items():
+            if f"eval/{p}/gold_{split}" not in metrics:
+                continue
+            win = f"eval/{p}/win_rate_vs_sft_{split}"
+            rows.append(
+                [
+                    NAMES[p],
+                    label,
+                    _fmt(metrics, f"eval/{p}/prompts_{split}", ".0f"),
+                    _fmt(metrics, f"eval/{p}/gold_{split}"),
+                    f"{metrics[win]:.1%} [{metrics[win + '_lo']:.1%}, {metrics[win + '_hi']:.1%}]"
+                    if win in metrics
+                    else "–",
+                    _fmt(metrics, f"eval/{p}/aspect_mention_{split}", ".1%"),
+                ]
+            )
+    return rows
+
+
 HEADER = [
     "policy",
     "gold score [95% CI]",
@@ -137,6 +168,20 @@ def write_report(out_dir: str, metrics: dict, histories: dict, paths: dict, rm_p
         "|" + "---|" * len(HEADER),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in policy_table(metrics)]
+    rows = split_table(metrics)
+    if rows:
+        lines += [
+            "",
+            "## Per split",
+            "",
+            "Seen: frame and aspect both occur in training prompts; held-out frames: sentence "
+            "patterns no training prompt uses; held-out aspects: aspects no training prompt asks "
+            "about (the two held-out splits overlap).",
+            "",
+            "| " + " | ".join(SPLIT_HEADER) + " |",
+            "|" + "---|" * len(SPLIT_HEADER),
+        ]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += [
         "",
         "## Reward model",
@@ -144,8 +189,15 @@ def write_report(out_dir: str, metrics: dict, histories: dict, paths: dict, rm_p
         "- held-out pairwise accuracy vs the labeler's ranks: "
         f"{_fmt(metrics, 'eval/rm/acc_labels')}",
         f"- held-out pairwise accuracy vs the gold ordering: {_fmt(metrics, 'eval/rm/acc_gold')}",
-        f"- export: `{rm_path}`",
     ]
+    if "eval/rm/acc_heldout_labeler" in metrics:
+        lines += [
+            "- agreement with a held-out simulated labeler (who ranked no training data): "
+            f"{_fmt(metrics, 'eval/rm/acc_heldout_labeler')} (that labeler vs the training "
+            f"labels: {_fmt(metrics, 'eval/rm/inter_labeler_agreement')}; InstructGPT: ~72 % "
+            "and ~73 %)",
+        ]
+    lines += [f"- export: `{rm_path}`"]
     if "eval/ptx/regression_recovered" in metrics or "eval/ptx/gain_kept" in metrics:
         lines += [
             "",
@@ -185,9 +237,18 @@ def print_table(metrics: dict) -> None:
     for row in policy_table(metrics):
         table.add_row(*row)
     Console().print(table)
+    rows = split_table(metrics)
+    if rows:
+        splits = Table(title="per split")
+        for h in SPLIT_HEADER:
+            splits.add_column(h)
+        for row in rows:
+            splits.add_row(*row)
+        Console().print(splits)
     for key in (
         "eval/rm/acc_labels",
         "eval/rm/acc_gold",
+        "eval/rm/acc_heldout_labeler",
         "eval/ptx/regression_recovered",
         "eval/ptx/gain_kept",
     ):

@@ -15,6 +15,7 @@ from lit_rlhf.data.records import read_records
 from lit_rlhf.eval.gold import GoldJudge
 from lit_rlhf.eval.policy_eval import lm_loss_on_texts, sample_with_kl
 from lit_rlhf.eval.report import print_table, write_report
+from lit_rlhf.eval.splits import heldout_labeler_agreement, policy_split_metrics, read_split_flags
 from lit_rlhf.eval.stats import mean_ci, win_rate
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.reward import score_pairs
@@ -39,10 +40,12 @@ def _rm_accuracy(ctx: StageContext, rm_path: str, tokenizer, metrics: dict) -> N
     ecfg = ctx.cfg["eval"]
     source = ctx.cfg["data"].get("comparisons_val")
     fields = ctx.fields if source else {}
+    label_dir = None
     if not source:
         if ctx.cfg["data"].get("comparisons"):
             return
-        source = os.path.join(ctx.require("label"), "comparisons_val.jsonl")
+        label_dir = ctx.require("label")
+        source = os.path.join(label_dir, "comparisons_val.jsonl")
     raw = read_comparisons_with_gold(source, fields)
     rm = load_sequence_classifier(rm_path, "float32", 0.0, tokenizer)
     prompts = [r["prompt"] for r in raw for _ in r["completions"]]
@@ -66,6 +69,13 @@ def _rm_accuracy(ctx: StageContext, rm_path: str, tokenizer, metrics: dict) -> N
     metrics["eval/rm/pairs"] = n_l
     if n_g:
         metrics["eval/rm/acc_gold"] = ok_g / n_g
+    label_metrics = os.path.join(label_dir or "", "metrics.json")
+    if label_dir and os.path.isfile(label_metrics) and all("gold" in r for r in raw):
+        with open(label_metrics, encoding="utf-8") as fh:
+            tau = json.load(fh)["label/tau"]
+        # A labeler who ranked none of the training data: its own seed, the same noise.
+        seed = int(ctx.cfg.get("seed", 0)) + 7919
+        metrics.update(heldout_labeler_agreement(raw, scores, tau, seed))
 
 
 def run_eval(ctx: StageContext, stage: str = "eval") -> str:
@@ -80,12 +90,12 @@ def run_eval(ctx: StageContext, stage: str = "eval") -> str:
     out_dir = ctx.stage_dir(stage) if ctx.cfg["stage"]["name"] != "pipeline" else ctx.run_dir
     paths = {name: _policy_path(ctx, name) for name in ecfg["policies"]}
     tokenizer = load_tokenizer(paths["sft"])
+    prompts_source = ctx.data_source("eval_prompts")
     prompts = [
         r["prompt"]
-        for r in read_records(
-            ctx.data_source("eval_prompts"), "prompts", ctx.fields, ecfg.get("n_prompts")
-        )
+        for r in read_records(prompts_source, "prompts", ctx.fields, ecfg.get("n_prompts"))
     ]
+    splits = read_split_flags(prompts_source, prompts)
     texts = [
         r["text"]
         for r in read_records(
@@ -98,6 +108,7 @@ def run_eval(ctx: StageContext, stage: str = "eval") -> str:
     rm = load_sequence_classifier(rm_path, "float32", 0.0, tokenizer)
     metrics: dict[str, float] = {}
     gold: dict[str, list[float]] = {}
+    responses: dict[str, list[str]] = {}
     for name, path in paths.items():
         torch.manual_seed(ctx.cfg.get("seed", 0))  # same sampling noise for every policy
         policy = reference if name == "sft" else load_causal_lm(path, "float32", 0.0, tokenizer)
@@ -112,6 +123,7 @@ def run_eval(ctx: StageContext, stage: str = "eval") -> str:
             desc=f"eval: sampling {name}",
         )
         gold[name] = judge.score_batch(prompts, samples.responses)
+        responses[name] = samples.responses
         mean, lo, hi = mean_ci(gold[name])
         rm_scores = score_pairs(
             rm, tokenizer, prompts, samples.responses, batch_size=ecfg["batch_size"]
@@ -137,6 +149,10 @@ def run_eval(ctx: StageContext, stage: str = "eval") -> str:
             with open(os.path.join(out_dir, f"samples_{name}.json"), "w") as fh:
                 json.dump(metrics_examples, fh, indent=1)
     for name in gold:
+        sft_gold = gold["sft"] if name in ("ppo", "ppo_ptx") else None
+        metrics.update(
+            policy_split_metrics(name, prompts, responses[name], gold[name], sft_gold, splits)
+        )
         if name in ("ppo", "ppo_ptx"):
             rate, lo, hi = win_rate(gold[name], gold["sft"])
             metrics.update(
