@@ -6,7 +6,8 @@ One config gives one folder ``<data_dir>/embedded-<fingerprint>`` holding::
     pretrain_train.jsonl, pretrain_val.jsonl   {"text"}                  base-model corpus
     demos_train.jsonl, demos_val.jsonl         {"prompt", "completion"}  SFT demonstrations
     prompts_ppo.jsonl, prompts_comparison.jsonl {"prompt"}               PPO / label prompts
-    prompts_eval.jsonl     {"prompt", "sentiment", "aspect", "frame", "heldout_aspect", "heldout_frame"}
+    prompts_eval.jsonl     {"prompt", "sentiment", "aspect", "frame", "heldout_aspect",
+                            "heldout_frame"}
     tokenizer/             byte-level BPE trained on the pretraining texts
     manifest.json          {"config": ..., "stats": ...}; written last, marks a complete folder
 
@@ -233,8 +234,10 @@ def _stream(cfg: EmbeddedWorldConfig, name: str) -> random.Random:
 
 
 def _train_prompts(rng: random.Random, cfg: EmbeddedWorldConfig, n: int):
-    """Yield ``(prompt, sign, aspect, term)`` for training prompts (train aspects, frames and
-    titles)."""
+    """Yield ``(prompt, sign, aspect, term)`` for training prompts.
+
+    Only training aspects, frames and film titles are drawn.
+    """
     aspects, frames = cfg.train_aspects(), cfg.train_frames()
     titles = W.film_titles(heldout=False)
     for _ in range(n):

@@ -257,8 +257,10 @@ def _aspect_sentence(
     stacked: bool = False,
     term: str | None = None,
 ) -> str:
-    """One sentence of ``sign`` about ``aspect`` (through ``term`` when given); strong ones may
-    boost, stack or use a verb."""
+    """One sentence of ``sign`` about ``aspect``, through ``term`` when given.
+
+    Strong sentences may boost, stack or use a verb.
+    """
     t, was = _term(rng, aspect, term)
     if stacked:
         template = rng.choice(_ASPECT_STACKED)

@@ -90,9 +90,7 @@ def summarize_seeds(jobs: list[tuple[str, dict]]) -> dict:
         }
         for t in TARGETS
     }
-    per_seed = [
-        {"seed": seed, **{k: m[k] for k, _ in keys if k in m}} for seed, m in jobs
-    ]
+    per_seed = [{"seed": seed, **{k: m[k] for k, _ in keys if k in m}} for seed, m in jobs]
     return {"per_seed": per_seed, "stats": stats, "targets": verdicts}
 
 
@@ -130,7 +128,8 @@ def seeds_markdown(summary: dict, command: str, commit: str | None) -> str:
             v = summary["targets"][key]
             verdict = f"{v['met_on']}/{v['of']} {'✅' if v['met_on'] == v['of'] else '❌'}"
         lines.append(
-            f"| {label} | {target.describe() if target else ''} | " + " | ".join(vals)
+            f"| {label} | {target.describe() if target else ''} | "
+            + " | ".join(vals)
             + f" | {_cell(key, st['mean'])} ± {_cell(key, st['sd'])} | {_cell(key, st['min'])}"
             f" | {verdict} |"
         )
