@@ -11,10 +11,10 @@ from test_sft import _trainer as bare_trainer
 from transformers import AutoModelForSequenceClassification
 
 from lit_rlhf.callbacks.hf_export import MARKER, atomic_output_dir, is_complete_export
-from lit_rlhf.models.heads import BIAS_ATTR
+from lit_rlhf.models.heads import BIAS_ATTR, MLPScoreHead, score_head
 from lit_rlhf.models.loading import load_sequence_classifier
 from lit_rlhf.models.tiny import build_tiny_causal_lm
-from lit_rlhf.stages.context import MissingInputError, StageContext
+from lit_rlhf.stages.context import ConfigError, MissingInputError, StageContext
 from lit_rlhf.stages.rm import comparison_sources, run_rm
 
 
@@ -59,7 +59,8 @@ def make_ctx(tmp_path, tok, data, **rm):
     return StageContext(cfg=cfg, run_dir=str(run_dir), make_trainer=make_trainer)
 
 
-def test_run_rm_on_user_comparisons_exports_a_centred_reward_model(tmp_path, tok):
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_run_rm_on_user_comparisons_exports_a_centred_reward_model(tmp_path, tok, head):
     val_recs = synthetic_records(12, 1)
     for r in val_recs:
         r["gold"] = [float(-x) for x in r["ranks"]]
@@ -69,7 +70,7 @@ def test_run_rm_on_user_comparisons_exports_a_centred_reward_model(tmp_path, tok
         "comparisons_val": write_jsonl(tmp_path / "v.jsonl", val_recs),
         "demonstrations": write_jsonl(tmp_path / "d.jsonl", demos),
     }
-    ctx = make_ctx(tmp_path, tok, data)
+    ctx = make_ctx(tmp_path, tok, data, head=head, head_hidden=16)
     out = run_rm(ctx)
     assert out == ctx.export_dir("rm") and is_complete_export(out)
     assert out.startswith(str(tmp_path / "exports" / "rm-"))
@@ -87,8 +88,13 @@ def test_run_rm_on_user_comparisons_exports_a_centred_reward_model(tmp_path, tok
         assert key in stage_metrics and key in export_metrics, key
     assert stage_metrics["val/acc_labels"] == stage_metrics["val/acc"] > 0.7
     assert json.load(open(f"{out}/{MARKER}"))["bias"] == pytest.approx(stage_metrics["rm/bias"])
-    # PPO's view: plain transformers loads it and the demonstrations score mean 0.
-    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    # PPO's view: the demonstrations score mean 0. A linear head loads in plain transformers;
+    # an MLP head is rebuilt by the kit's loader (plain transformers would make a random one).
+    if head == "linear":
+        plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    else:
+        plain = load_sequence_classifier(out, "float32", 0.0, tok).eval()
+        assert isinstance(score_head(plain), MLPScoreHead)
     scores = plain_demo_scores(plain, tok, [d[0] for d in DEMOS], [d[1] for d in DEMOS])
     assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4)
     assert plain.config.num_labels == 1
@@ -121,4 +127,14 @@ def test_run_rm_reads_label_stage_files(tmp_path, tok):
 def test_run_rm_missing_init_from_names_the_override(tmp_path, tok):
     ctx = make_ctx(tmp_path, tok, {"comparisons": "x.jsonl"}, init_from=str(tmp_path / "nope"))
     with pytest.raises(MissingInputError, match="rm.init_from"):
+        run_rm(ctx)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [({"head": "attention"}, "rm.head='attention'"), ({"head_hidden": 0}, "rm.head_hidden")],
+)
+def test_bad_head_settings_stop_before_loading(tmp_path, tok, override, message):
+    ctx = make_ctx(tmp_path, tok, {"comparisons": None}, **override)
+    with pytest.raises(ConfigError, match=message):
         run_rm(ctx)

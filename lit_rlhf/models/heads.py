@@ -4,6 +4,13 @@ Both read a ``*ForSequenceClassification`` model (one label) through its backbon
 ``score`` head, with position ids from the attention mask, so left/right padding and
 batch composition do not change a sequence's score. The reward is read at the last *real*
 token, found from the attention mask (never by searching for the pad id).
+
+The head is the model's own linear layer, or an :class:`MLPScoreHead` put in its place
+(:func:`install_score_head`; the rm stage's ``rm.head: mlp``). A linear head can only add
+up features of the last hidden state; a reward that depends on a *product* of two of them
+(the embedded world's "is the requested sentiment expressed": the cue's sign times the
+review's sentiment) is then out of reach until the backbone builds the product itself, and
+the ranking loss gives that no first-order push (docs/results.md, "the RM plateau").
 """
 
 from __future__ import annotations
@@ -18,20 +25,103 @@ from lit_rlhf.ops.masking import last_true_index, position_ids_from_mask
 BIAS_ATTR = "lit_rlhf_reward_bias"
 #: Config attribute recording a bias that was folded into the weights (for information).
 FOLDED_BIAS_ATTR = "lit_rlhf_reward_bias_folded"
+#: Config attribute describing a replaced score head, e.g. ``{"kind": "mlp", "hidden": 256}``;
+#: :func:`~lit_rlhf.models.loading.load_sequence_classifier` rebuilds the head from it.
+HEAD_ATTR = "lit_rlhf_score_head"
+#: Score-head kinds :func:`install_score_head` knows.
+HEAD_KINDS = ("linear", "mlp")
+
+_HEAD_NAMES = ("score", "classifier")
 
 _FINAL_NORM_NAMES = ("ln_f", "norm", "final_layer_norm", "final_layernorm", "ln_final")
 
 
-def score_head(model: PreTrainedModel) -> nn.Linear:
+class MLPScoreHead(nn.Module):
+    """``Linear(d, hidden) -> ReLU -> Linear(hidden, 1)``: a scalar head that can multiply features.
+
+    Applied to (..., d) hidden states it returns (..., 1), like the linear head it replaces.
+    The output layer has a bias (zero at init) so a reward shift folds into it exactly.
+    """
+
+    def __init__(self, in_features: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, hidden)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.bias)
+
+    @property
+    def in_features(self) -> int:
+        """Width of the hidden states the head reads."""
+        return self.proj.in_features
+
+    @property
+    def out_features(self) -> int:
+        """Always 1 (one scalar per position)."""
+        return self.out.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.proj(x)))
+
+
+def _head_name(model: nn.Module) -> str | None:
+    for name in _HEAD_NAMES:
+        if isinstance(getattr(model, name, None), (nn.Linear, MLPScoreHead)):
+            return name
+    return None
+
+
+def has_score_head(model: nn.Module) -> bool:
+    """True when ``model`` has a scalar head this module reads (a sequence classifier)."""
+    return _head_name(model) is not None
+
+
+def score_head(model: nn.Module) -> nn.Linear | MLPScoreHead:
     """Return the scalar head (``score`` or ``classifier``) of a sequence classifier."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
+    name = _head_name(model)
+    if name is None:
+        raise ValueError(
+            f"{type(model).__name__} has no linear or MLP 'score'/'classifier' head; reward and "
+            "value models must be *ForSequenceClassification models with num_labels=1"
+        )
+    return getattr(model, name)
+
+
+def install_score_head(model: PreTrainedModel, kind: str, hidden: int = 256) -> nn.Module:
+    """Give a fresh sequence classifier the score head ``kind``, recorded in its config.
+
+    Args:
+        model: A one-label sequence classifier (its head is replaced, not trained further).
+        kind: ``"linear"`` keeps the model's own head (plain ``transformers`` loads the
+            export); ``"mlp"`` puts an :class:`MLPScoreHead` in its place.
+        hidden: Width of the MLP head's hidden layer.
+
+    Returns:
+        The head now in use (an MLP head of the same width is kept as it is).
+
+    Raises:
+        ValueError: On an unknown ``kind``, a non-positive ``hidden``, or an MLP head
+            already in place with another width (or where ``kind`` is ``"linear"``).
+    """
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown score head {kind!r}; use one of {list(HEAD_KINDS)}")
+    head = score_head(model)
+    if isinstance(head, MLPScoreHead):  # e.g. a reward model trained further
+        if kind == "mlp" and head.proj.out_features == int(hidden):
             return head
-    raise ValueError(
-        f"{type(model).__name__} has no linear 'score'/'classifier' head; reward and value "
-        "models must be *ForSequenceClassification models with num_labels=1"
-    )
+        raise ValueError(
+            f"the model already has an MLP score head of width {head.proj.out_features}; "
+            f"it cannot become a {kind!r} head of width {hidden}"
+        )
+    if kind == "linear":
+        return head
+    if int(hidden) < 1:
+        raise ValueError(f"the MLP score head needs hidden >= 1, got {hidden}")
+    ref = next(head.parameters())
+    new = MLPScoreHead(head.in_features, int(hidden)).to(device=ref.device, dtype=ref.dtype)
+    setattr(model, _head_name(model), new)
+    setattr(model.config, HEAD_ATTR, {"kind": "mlp", "hidden": int(hidden)})
+    return new
 
 
 def backbone_hidden(
@@ -64,9 +154,10 @@ def apply_score_head(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tens
     ~0.008 near 1) would round away.
     """
     head = score_head(model)
+    dtype = next(head.parameters()).dtype
     # Called as a module (not F.linear on .weight): FSDP2 unshards the head in its hooks.
     with torch.autocast(hidden.device.type, enabled=False):
-        out = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+        out = head(hidden.to(dtype)).squeeze(-1).float()
     return out + float(getattr(model.config, BIAS_ATTR, 0.0) or 0.0)
 
 
@@ -167,7 +258,7 @@ def fold_reward_bias(model: PreTrainedModel, bias: float) -> str:
     ``AutoModelForSequenceClassification`` must reproduce the shifted score, so the bias is
     put where the architecture has room for it:
 
-    1. the head's own bias, when it has one;
+    1. the head's own (output) bias, when it has one (always, for an :class:`MLPScoreHead`);
     2. else the final norm's bias ``beta``: the head sees ``h = g*x + beta`` and computes
        ``w.h``, so ``beta += bias * w / |w|^2`` adds exactly ``bias`` (GPT-2's ``ln_f``);
     3. else (e.g. Llama's bias-free RMSNorm) it is stored as ``config.lit_rlhf_reward_bias``,
@@ -177,9 +268,10 @@ def fold_reward_bias(model: PreTrainedModel, bias: float) -> str:
         Where the bias went: ``"head"``, ``"final_norm"`` or ``"config"``.
     """
     head = score_head(model)
+    output = head.out if isinstance(head, MLPScoreHead) else head
     prior = float(getattr(model.config, FOLDED_BIAS_ATTR, 0.0) or 0.0)
-    if head.bias is not None:
-        head.bias.add_(bias)
+    if output.bias is not None:
+        output.bias.add_(bias)
         where = "head"
     elif (norm := _final_norm_with_bias(model)) is not None:
         w = head.weight[0].to(torch.float64)

@@ -7,6 +7,8 @@ can switch dropout off (RL needs deterministic forwards), and turns the many way
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 from typing import Any
@@ -21,6 +23,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import cached_file
+from transformers.utils import logging as hf_logging
+
+from lit_rlhf.models.heads import HEAD_ATTR, install_score_head
 
 log = logging.getLogger("lit_rlhf")
 
@@ -212,15 +218,75 @@ def load_sequence_classifier(
             f"'{name_or_path}' is not a sequence-classification (reward) model "
             f"(architectures={archs}); pass the folder exported by the rm stage."
         )
+    spec = getattr(config, HEAD_ATTR, None)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name_or_path, config=config, dtype=resolve_dtype(dtype)
-        )
+        # An MLP-head export has no `score.weight`: transformers would report the head's keys
+        # as missing/unexpected and make a random linear head, which is replaced below.
+        quiet = _hf_quiet() if spec else contextlib.nullcontext()
+        with quiet:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, config=config, dtype=resolve_dtype(dtype)
+            )
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"{_describe(name_or_path, 'model')} as a sequence classifier: {err}"
         ) from err
+    if spec:
+        _restore_score_head(model, spec, name_or_path)
     if dropout is not None:
         set_module_dropout(model, dropout)
     _sync_special_tokens(model, tokenizer)
     return model
+
+
+@contextlib.contextmanager
+def _hf_quiet():
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _restore_score_head(model: PreTrainedModel, spec: Any, name_or_path: str) -> None:
+    """Rebuild the head ``config.lit_rlhf_score_head`` describes and load its saved weights."""
+    if not isinstance(spec, dict) or spec.get("kind") != "mlp":
+        raise ModelLoadError(
+            f"'{name_or_path}': config.json field {HEAD_ATTR}={spec!r} is not a score head this "
+            'kit knows (expected {"kind": "mlp", "hidden": N}); re-export the reward model.'
+        )
+    head = install_score_head(model, "mlp", int(spec.get("hidden", 0)))
+    prefix = next(n for n, m in model.named_modules() if m is head) + "."
+    wanted = {prefix + k for k in head.state_dict()}
+    tensors = _read_tensors(name_or_path, wanted)
+    if set(tensors) != wanted:
+        raise ModelLoadError(
+            f"'{name_or_path}' declares an MLP score head but its weights lack "
+            f"{sorted(wanted - set(tensors))}; re-export the reward model with save_pretrained."
+        )
+    head.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()})
+
+
+def _read_tensors(name_or_path: str, keys: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors named ``keys`` from a (possibly sharded) safetensors checkpoint."""
+    from safetensors import safe_open
+
+    def resolve(filename: str) -> str | None:
+        return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False)
+
+    index = resolve("model.safetensors.index.json")
+    if index:
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        files = sorted({weight_map[k] for k in keys if k in weight_map})
+    else:
+        files = ["model.safetensors"]
+    out: dict[str, torch.Tensor] = {}
+    for filename in files:
+        path = resolve(filename)
+        if path is None:
+            continue
+        with safe_open(path, framework="pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in keys & set(fh.keys())})
+    return out

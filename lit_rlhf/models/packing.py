@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lit_rlhf.models.heads import has_score_head
+
 __all__ = ["PackedAttentionError", "packed_attention_leak", "require_packed_attention"]
 
 
@@ -58,9 +60,8 @@ def packed_attention_leak(model: nn.Module) -> float:
 def _outputs(model: nn.Module, ids, mask, pos) -> torch.Tensor:
     # A classifier's own forward pools one position; its backbone (a separate FSDP unit
     # when sharded) gives every position. A causal LM runs whole (its root owns embeddings).
-    has_head = any(isinstance(getattr(model, n, None), nn.Linear) for n in ("score", "classifier"))
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": False}
-    if has_head and getattr(model, "base_model", model) is not model:
+    if has_score_head(model) and getattr(model, "base_model", model) is not model:
         return model.base_model(**kwargs).last_hidden_state.float()
     return model(**kwargs).logits.float()
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.constants import default_pg_timeout
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-_HEAD_NAMES = ("score", "classifier")
+from lit_rlhf.models.heads import has_score_head, score_head
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -92,14 +92,6 @@ def _block_names(model: nn.Module, block_classes: Iterable[str] | None) -> set[s
     return set(getattr(model, "_no_split_modules", None) or ())
 
 
-def _score_head(model: nn.Module) -> nn.Module | None:
-    for name in _HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            return head
-    return None
-
-
 def shard_models(
     models: Iterable[nn.Module],
     mesh,
@@ -142,11 +134,10 @@ def shard_models(
             fully_shard(block, mesh=dp_mesh)
         count += len(blocks)
         reshard = True if id(model) in frozen_ids else None
-        head = _score_head(model)
         base = getattr(model, "base_model", model)
-        if head is not None and base is not model:
+        if has_score_head(model) and base is not model:
             fully_shard(base, mesh=dp_mesh, reshard_after_forward=reshard)
-            fully_shard(head, mesh=dp_mesh, reshard_after_forward=reshard)
+            fully_shard(score_head(model), mesh=dp_mesh, reshard_after_forward=reshard)
         else:
             fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
     return count

@@ -1,10 +1,11 @@
 """Stage runner for ``rm``: the reward model on K-wise (or pairwise) comparisons.
 
 Starts from the SFT export (InstructGPT: the RM shares the SFT model's backbone, with the
-unembedding replaced by a scalar head), trains on the ``label`` stage's comparisons or the
-user's ``data.comparisons``, then shifts the head so that demonstrations score mean 0 and
-exports a folder that ``AutoModelForSequenceClassification`` loads (PPO's reward and value
-model).
+unembedding replaced by a scalar head: ``rm.head``, linear or a small MLP), trains on the
+``label`` stage's comparisons or the user's ``data.comparisons``, then shifts the head so that
+demonstrations score mean 0 and exports a folder (PPO's reward and value model). With
+``rm.head: linear`` plain ``AutoModelForSequenceClassification`` loads it; an MLP head is
+rebuilt by :func:`~lit_rlhf.models.loading.load_sequence_classifier`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from lit_rlhf.callbacks.hf_export import atomic_output_dir
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
 from lit_rlhf.data.comparisons import ComparisonsDataModule
 from lit_rlhf.data.records import read_records
-from lit_rlhf.models.heads import fold_reward_bias
+from lit_rlhf.models.heads import HEAD_KINDS, fold_reward_bias, install_score_head
 from lit_rlhf.models.loading import load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.reward import RewardModule, demonstration_bias
-from lit_rlhf.stages.context import StageContext
+from lit_rlhf.stages.context import ConfigError, StageContext
 
 log = logging.getLogger("lit_rlhf")
 
@@ -61,6 +62,12 @@ def _bias(ctx: StageContext, model, tokenizer, rcfg: dict) -> float:
 def run_rm(ctx: StageContext, stage: str = "rm") -> str:
     """Train the reward model; returns its export folder."""
     rcfg = ctx.cfg["rm"]
+    # 0. Validate the config before loading anything.
+    head, head_hidden = rcfg.get("head", "mlp"), rcfg.get("head_hidden", 256)
+    if head not in HEAD_KINDS:
+        raise ConfigError(f"rm.head={head!r} is not a score head; use one of {list(HEAD_KINDS)}")
+    if head == "mlp" and (not isinstance(head_hidden, int) or head_hidden < 1):
+        raise ConfigError(f"rm.head_hidden must be a positive integer, got {head_hidden!r}")
     init = ctx.require("sft", rcfg.get("init_from"), "rm.init_from")
     train_src, val_src = comparison_sources(ctx)  # may build the label stage first
     # The label stage writes canonical field names; data.fields renames only user files.
@@ -74,6 +81,10 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
         tokenizer=tokenizer,
         from_causal_lm=True,
     )
+    try:
+        install_score_head(model, head, head_hidden)
+    except ValueError as err:  # an MLP head of another width already in rm.init_from
+        raise ConfigError(f"rm.head/rm.head_hidden vs rm.init_from '{init}': {err}") from None
     dm = ComparisonsDataModule(
         train_src,
         val_source=val_src,
