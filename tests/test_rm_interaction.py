@@ -17,6 +17,7 @@ import random
 import lightning as L
 import pytest
 import torch
+from test_sft import _trainer as bare_trainer
 from transformers import AutoModelForSequenceClassification
 
 from lit_rlhf.data import review_world as W
@@ -87,15 +88,7 @@ def test_rm_learns_instruction_sentiment_interaction(tmp_path):
     model = AutoModelForSequenceClassification.from_config(cfg)
     install_score_head(model, "mlp", 64)
     module = RewardModule(model, lr=1e-3, warmup_steps=10)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = bare_trainer(tmp_path, max_epochs=8)
     torch.set_num_threads(1)
     trainer.fit(module, datamodule=dm)
     acc = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/acc_gold"]
