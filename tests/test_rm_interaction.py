@@ -4,8 +4,8 @@ A reduced embedded world: each prompt asks for a positive or a negative review, 
 responses are the world's demonstrations written for that prompt's sentiment or for the
 opposite one, ranked by the gold judge. No feature of a response alone ranks them (a
 sign-blind scorer is near chance, checked below): the RM must read the requested sentiment
-from the prompt and compare it with the response's. The default recipe's RM plateau was this
-interaction going unlearned; an RM that stays near chance here fails the test.
+from the prompt and compare it with the response's. An RM that stays near chance here fails
+the test (the default recipe's plateau also involved sentiment strength: docs/results.md).
 """
 
 from __future__ import annotations

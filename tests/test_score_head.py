@@ -102,12 +102,13 @@ def test_bf16_model_scores_in_float32(tok):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_bad_head_description_is_one_clear_error(tmp_path, tok):
+@pytest.mark.parametrize("spec", [{"kind": "transformer"}, {"kind": "mlp"}, "mlp"])
+def test_bad_head_description_is_one_clear_error(tmp_path, tok, spec):
     model = _classifier("gpt2", tok)
     path = tmp_path / "rm"
     model.save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
-    config[heads.HEAD_ATTR] = {"kind": "transformer"}
+    config[heads.HEAD_ATTR] = spec
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="not a score head this kit knows"):
         load_sequence_classifier(str(path))

@@ -9,8 +9,8 @@ The head is the model's own linear layer, or an :class:`MLPScoreHead` put in its
 (:func:`install_score_head`; the rm stage's ``rm.head: mlp``). A linear head can only add
 up features of the last hidden state; a reward that depends on a *product* of two of them
 (the embedded world's "is the requested sentiment expressed": the cue's sign times the
-review's sentiment) is then out of reach until the backbone builds the product itself, and
-the ranking loss gives that no first-order push (docs/results.md, "the RM plateau").
+review's sentiment) needs the backbone to build the product itself, which the MLP head can
+form from the two features (docs/results.md, "the RM plateau", measures what it helps).
 """
 
 from __future__ import annotations
@@ -87,6 +87,14 @@ def score_head(model: nn.Module) -> nn.Linear | MLPScoreHead:
     return getattr(model, name)
 
 
+def check_head_spec(kind: str, hidden: object = 256) -> None:
+    """Raise ``ValueError`` unless ``kind`` is a known head and an MLP's ``hidden`` is >= 1."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown score head {kind!r}; use one of {list(HEAD_KINDS)}")
+    if kind == "mlp" and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        raise ValueError(f"the MLP score head needs an integer width >= 1, got {hidden!r}")
+
+
 def install_score_head(model: PreTrainedModel, kind: str, hidden: int = 256) -> nn.Module:
     """Give a fresh sequence classifier the score head ``kind``, recorded in its config.
 
@@ -100,14 +108,13 @@ def install_score_head(model: PreTrainedModel, kind: str, hidden: int = 256) -> 
         The head now in use (an MLP head of the same width is kept as it is).
 
     Raises:
-        ValueError: On an unknown ``kind``, a non-positive ``hidden``, or an MLP head
+        ValueError: On a bad ``kind``/``hidden`` (:func:`check_head_spec`), or an MLP head
             already in place with another width (or where ``kind`` is ``"linear"``).
     """
-    if kind not in HEAD_KINDS:
-        raise ValueError(f"unknown score head {kind!r}; use one of {list(HEAD_KINDS)}")
+    check_head_spec(kind, hidden)
     head = score_head(model)
     if isinstance(head, MLPScoreHead):  # e.g. a reward model trained further
-        if kind == "mlp" and head.proj.out_features == int(hidden):
+        if kind == "mlp" and head.proj.out_features == hidden:
             return head
         raise ValueError(
             f"the model already has an MLP score head of width {head.proj.out_features}; "
@@ -115,12 +122,10 @@ def install_score_head(model: PreTrainedModel, kind: str, hidden: int = 256) -> 
         )
     if kind == "linear":
         return head
-    if int(hidden) < 1:
-        raise ValueError(f"the MLP score head needs hidden >= 1, got {hidden}")
     ref = next(head.parameters())
-    new = MLPScoreHead(head.in_features, int(hidden)).to(device=ref.device, dtype=ref.dtype)
+    new = MLPScoreHead(head.in_features, hidden).to(device=ref.device, dtype=ref.dtype)
     setattr(model, _head_name(model), new)
-    setattr(model.config, HEAD_ATTR, {"kind": "mlp", "hidden": int(hidden)})
+    setattr(model.config, HEAD_ATTR, {"kind": "mlp", "hidden": hidden})
     return new
 
 

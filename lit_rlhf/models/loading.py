@@ -26,7 +26,7 @@ from transformers import (
 from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
-from lit_rlhf.models.heads import HEAD_ATTR, install_score_head
+from lit_rlhf.models.heads import HEAD_ATTR, check_head_spec, install_score_head
 
 log = logging.getLogger("lit_rlhf")
 
@@ -251,12 +251,16 @@ def _hf_quiet():
 
 def _restore_score_head(model: PreTrainedModel, spec: Any, name_or_path: str) -> None:
     """Rebuild the head ``config.lit_rlhf_score_head`` describes and load its saved weights."""
-    if not isinstance(spec, dict) or spec.get("kind") != "mlp":
+    try:
+        if not isinstance(spec, dict) or spec.get("kind") != "mlp":
+            raise ValueError("not an MLP head")
+        check_head_spec("mlp", spec.get("hidden"))
+    except ValueError:
         raise ModelLoadError(
             f"'{name_or_path}': config.json field {HEAD_ATTR}={spec!r} is not a score head this "
             'kit knows (expected {"kind": "mlp", "hidden": N}); re-export the reward model.'
-        )
-    head = install_score_head(model, "mlp", int(spec.get("hidden", 0)))
+        ) from None
+    head = install_score_head(model, "mlp", spec["hidden"])
     prefix = next(n for n, m in model.named_modules() if m is head) + "."
     wanted = {prefix + k for k in head.state_dict()}
     tensors = _read_tensors(name_or_path, wanted)

@@ -18,7 +18,7 @@ from lit_rlhf.callbacks.hf_export import atomic_output_dir
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
 from lit_rlhf.data.comparisons import ComparisonsDataModule
 from lit_rlhf.data.records import read_records
-from lit_rlhf.models.heads import HEAD_KINDS, fold_reward_bias, install_score_head
+from lit_rlhf.models.heads import check_head_spec, fold_reward_bias, install_score_head
 from lit_rlhf.models.loading import load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.reward import RewardModule, demonstration_bias
 from lit_rlhf.stages.context import ConfigError, StageContext
@@ -64,10 +64,10 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
     rcfg = ctx.cfg["rm"]
     # 0. Validate the config before loading anything.
     head, head_hidden = rcfg.get("head", "mlp"), rcfg.get("head_hidden", 256)
-    if head not in HEAD_KINDS:
-        raise ConfigError(f"rm.head={head!r} is not a score head; use one of {list(HEAD_KINDS)}")
-    if head == "mlp" and (not isinstance(head_hidden, int) or head_hidden < 1):
-        raise ConfigError(f"rm.head_hidden must be a positive integer, got {head_hidden!r}")
+    try:
+        check_head_spec(head, head_hidden)
+    except ValueError as err:
+        raise ConfigError(f"rm.head={head!r}, rm.head_hidden={head_hidden!r}: {err}") from None
     init = ctx.require("sft", rcfg.get("init_from"), "rm.init_from")
     train_src, val_src = comparison_sources(ctx)  # may build the label stage first
     # The label stage writes canonical field names; data.fields renames only user files.
