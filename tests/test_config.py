@@ -234,3 +234,25 @@ def test_cli_missing_data_file_is_one_clear_line(tmp_path, tok, tiny_gpt2):
     assert len(errors) == 1, proc.stderr
     assert errors[0].startswith("error:") and "does not exist" in errors[0]
     assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())
+
+
+def test_isolated_rng_hands_the_caller_its_rng_state_back():
+    import random
+
+    import numpy as np
+    import torch
+
+    from lit_rlhf.stages.context import isolated_rng
+
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    with isolated_rng():
+        torch.manual_seed(99)
+        torch.rand(5), random.random(), np.random.rand()
+    got = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("base", "sft", "ppo", "ppo_ptx")
@@ -121,6 +122,25 @@ def test_impossible_ppo_config_fails_before_building_anything(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "ppo.kl_coef" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "data").exists()  # validated before generating any data
+
+
+@pytest.mark.slow
+def test_a_stage_trains_the_same_model_whether_its_upstream_was_built_or_reused(
+    pipeline, tmp_path
+):
+    # The pipeline built SFT with pretrain already on disk; here one process builds pretrain
+    # and then SFT. Building pretrain first must not move the RNG state SFT starts from.
+    from safetensors.torch import load_file
+
+    proc = train(tmp_path, "debug=fast", "stage=sft", f"hydra.run.dir={tmp_path / 'run'}")
+    _check(proc)
+    assert "[pretrain] output for this config is missing" in proc.stdout + proc.stderr
+    (fresh,) = (tmp_path / "exports").glob("sft-*")
+    reused = pipeline[0] / "exports" / fresh.name
+    a, b = load_file(fresh / "model.safetensors"), load_file(reused / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 @pytest.mark.slow
