@@ -125,9 +125,7 @@ def test_impossible_ppo_config_fails_before_building_anything(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stage_trains_the_same_model_whether_its_upstream_was_built_or_reused(
-    pipeline, tmp_path
-):
+def test_a_stage_trains_the_same_model_whether_its_upstream_was_built_or_reused(pipeline, tmp_path):
     # The pipeline built SFT with pretrain already on disk; here one process builds pretrain
     # and then SFT. Building pretrain first must not move the RNG state SFT starts from.
     from safetensors.torch import load_file

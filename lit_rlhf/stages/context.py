@@ -46,6 +46,7 @@ def isolated_rng() -> Iterator[None]:
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
 
+
 #: stage -> config keys (top-level sections) whose values change its output.
 STAGE_SETTINGS = {
     "pretrain": ("model", "pretrain"),
