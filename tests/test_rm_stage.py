@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
-from test_reward_model import DEMOS, SMALL, plain_demo_scores, synthetic_records, write_jsonl
+import torch
+from test_reward_model import (
+    DEMOS,
+    SMALL,
+    classifier,
+    plain_demo_scores,
+    synthetic_records,
+    write_jsonl,
+)
 from test_sft import _trainer as bare_trainer
 from transformers import AutoModelForSequenceClassification
 
 from lit_rlhf.callbacks.hf_export import MARKER, atomic_output_dir, is_complete_export
-from lit_rlhf.models.heads import BIAS_ATTR, MLPScoreHead, score_head
+from lit_rlhf.models.heads import BIAS_ATTR, MLPScoreHead, install_score_head, score_head
 from lit_rlhf.models.loading import load_sequence_classifier
 from lit_rlhf.models.tiny import build_tiny_causal_lm
 from lit_rlhf.stages.context import ConfigError, MissingInputError, StageContext
-from lit_rlhf.stages.rm import comparison_sources, run_rm
+from lit_rlhf.stages.rm import comparison_sources, run_rm, warn_if_near_chance
 
 
 def make_ctx(tmp_path, tok, data, **rm):
@@ -138,3 +148,34 @@ def test_bad_head_settings_stop_before_loading(tmp_path, tok, override, message)
     ctx = make_ctx(tmp_path, tok, {"comparisons": None}, **override)
     with pytest.raises(ConfigError, match=message):
         run_rm(ctx)
+
+
+def test_a_near_chance_rm_is_reported_not_passed_silently(caplog):
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf"):
+        assert not warn_if_near_chance(0.79)
+        assert not warn_if_near_chance(None)  # no validation set: nothing to judge
+        assert caplog.text == ""
+        assert warn_if_near_chance(0.516)
+    assert "near chance" in caplog.text and "rm.lr" in caplog.text
+
+
+def test_feature_diagnostic_sees_a_collapsed_backbone(tmp_path, tok):
+    """benchmarks/rm_features.py: alive features spread; a constant last state does not."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from rm_features import describe
+
+    model = classifier(tok)
+    install_score_head(model, "mlp", 16)
+    alive, dead = tmp_path / "alive", tmp_path / "dead"
+    model.save_pretrained(alive)
+    tok.save_pretrained(alive)
+    with torch.no_grad():  # the final norm's output no longer depends on the input
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.randn_like(model.transformer.ln_f.bias))
+    model.save_pretrained(dead)
+    tok.save_pretrained(dead)
+    records = synthetic_records(8, 0)
+    ok, collapsed = describe(str(alive), records, 48), describe(str(dead), records, 48)
+    assert ok["feature sd"] > 0.1 and ok["units ever on"] > ok["units on"]
+    assert collapsed["feature sd"] < 1e-5 and collapsed["score sd"] < 1e-5
+    assert collapsed["units ever on"] == collapsed["units on"]

@@ -25,6 +25,9 @@ from lit_rlhf.stages.context import ConfigError, StageContext
 
 log = logging.getLogger("lit_rlhf")
 
+#: Held-out pairwise accuracy below which the RM is reported as not having learned (0.5 = chance).
+NEAR_CHANCE = 0.55
+
 _MODULE_KEYS = ("lr", "weight_decay", "schedule", "warmup_steps", "min_lr_ratio", "margin")
 
 
@@ -144,6 +147,25 @@ def _bias_and_export(ctx, trainer, model, tokenizer, dm, init, stage_dir, export
         seconds,
         export_dir,
     )
+    warn_if_near_chance(metrics.get("val/acc"))
+
+
+def warn_if_near_chance(val_acc) -> bool:
+    """Log a warning when the RM's held-out accuracy is near chance; True when it did.
+
+    Such an RM still exports (a user's data may be that hard), but PPO against it optimises
+    noise, so the run says so instead of carrying on silently.
+    """
+    if val_acc is None or float(val_acc) >= NEAR_CHANCE:
+        return False
+    log.warning(
+        "[rm] held-out accuracy %.3f is near chance (0.5): the reward model has not learned "
+        "the ranking and PPO against it would optimise noise. A train loss that stays at "
+        "ln 2 = 0.693 means its scores barely differ: try a lower rm.lr or more "
+        "rm.max_epochs (benchmarks/rm_features.py shows whether its features collapsed)",
+        float(val_acc),
+    )
+    return True
 
 
 def _fmt(value) -> str:
