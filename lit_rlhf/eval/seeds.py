@@ -63,7 +63,7 @@ EXTRA: tuple[tuple[str, str], ...] = (
     ("eval/ppo/win_rate_vs_sft_heldout_aspects", "PPO win, held-out aspects"),
     ("eval/ppo_ptx/win_rate_vs_sft", "PPO-ptx win rate"),
     ("eval/ppo/aspect_mention", "PPO mentions aspect"),
-    ("pipeline/seconds_total", "seconds"),
+    ("pipeline/seconds_total", "seconds this run (reused stages ~0)"),
 )
 
 
