@@ -48,7 +48,8 @@ def sample_responses(
     # Sort by prompt length so batches carry little padding.
     order = sorted(range(len(flat)), key=lambda j: len(ids[flat[j]]))
     starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+    # disable=None: tqdm stays quiet when stderr is not a terminal (log files, CI).
+    for s in tqdm(starts, desc=progress, disable=True if progress is None else None, leave=False):
         rows = [flat[j] for j in order[s : s + batch_size]]
         q = max(len(ids[i]) for i in rows)
         query = torch.full((len(rows), q), tokenizer.pad_token_id, dtype=torch.long)

@@ -65,7 +65,13 @@ def sample_with_kl(
     kls: list[float] = []
     lengths: list[int] = []
     device = next(policy.parameters()).device
-    for s in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
+    # disable=None: tqdm stays quiet when stderr is not a terminal (log files, CI).
+    for s in tqdm(
+        range(0, len(prompts), batch_size),
+        desc=desc,
+        disable=True if desc is None else None,
+        leave=False,
+    ):
         q, m = _left_pad(ids[s : s + batch_size], tokenizer.pad_token_id)
         ro: Rollout = generate(
             policy,
