@@ -256,3 +256,12 @@ def test_isolated_rng_hands_the_caller_its_rng_state_back():
         torch.rand(5), random.random(), np.random.rand()
     got = (torch.rand(2), random.random(), np.random.rand())
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_beta_sweeps_fix_beta(compose_cfg):
+    # The default PPO adapts beta towards ppo.kl_target; a sweep over beta needs it fixed, or
+    # every job would be steered to the same KL and the gold-vs-KL curve would be one point.
+    assert compose_cfg().ppo.kl_target is not None
+    assert compose_cfg("experiment=kl_sweep").ppo.kl_target is None
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    assert compose_cfg("hparams_search=ppo_kl").ppo.kl_target is None
