@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf, open_dict, read_write
 
 from lit_rlhf.run import _check_multirun_strategy, make_trainer_factory, register_resolvers
-from lit_rlhf.stages.context import StageContext
+from lit_rlhf.stages.context import ConfigError, StageContext
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -265,3 +265,17 @@ def test_beta_sweeps_fix_beta(compose_cfg):
     assert compose_cfg("experiment=kl_sweep").ppo.kl_target is None
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     assert compose_cfg("hparams_search=ppo_kl").ppo.kl_target is None
+
+
+def test_ppo_micro_batch_that_would_drop_episodes_stops_before_loading(compose_cfg, tmp_path):
+    from lit_rlhf.stages.ppo import run_ppo
+
+    # 64 prompts in 2 minibatches of 32: micro-batches of 5 would train on 30 of each 32.
+    cfg = compose_cfg("stage=ppo", "ppo.micro_batch_size=5")
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
+    with pytest.raises(ConfigError, match=r"micro_batch_size \(5\).*2 episodes"):
+        run_ppo(ctx)
+    assert not (tmp_path / "exports").exists()  # nothing was built or loaded first

@@ -206,3 +206,30 @@ def test_bad_settings_raise_before_training(tok):
         make_module(tok, kl_coef=-0.1)
     with pytest.raises(ValueError, match="pretraining data"):
         PPODataModule("prompts.jsonl", None, ptx_ratio=1.0)
+
+
+@pytest.mark.parametrize(
+    ("batch", "minibatches", "micro", "expected"),
+    [(16, 2, None, (8, 8)), (16, 2, 4, (8, 4)), (16, 2, 8, (8, 8)), (16, 2, 32, (8, 8))],
+)
+def test_split_episodes_uses_every_episode(batch, minibatches, micro, expected):
+    from lit_rlhf.modules.ppo import split_episodes
+
+    mb, mu = split_episodes(batch, minibatches, micro)
+    assert (mb, mu) == expected
+    assert mb * minibatches == batch and mb % mu == 0
+
+
+@pytest.mark.parametrize(
+    ("batch", "minibatches", "micro", "message"),
+    [
+        (16, 2, 3, "2 episodes of each minibatch would be dropped"),
+        (16, 3, None, "must be divisible by ppo.num_minibatches"),
+        (16, 2, 0, "must be >= 1"),
+    ],
+)
+def test_split_episodes_refuses_uneven_splits(batch, minibatches, micro, message):
+    from lit_rlhf.modules.ppo import split_episodes
+
+    with pytest.raises(ValueError, match=message):
+        split_episodes(batch, minibatches, micro)
