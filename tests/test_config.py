@@ -279,3 +279,35 @@ def test_ppo_micro_batch_that_would_drop_episodes_stops_before_loading(compose_c
     with pytest.raises(ConfigError, match=r"micro_batch_size \(5\).*2 episodes"):
         run_ppo(ctx)
     assert not (tmp_path / "exports").exists()  # nothing was built or loaded first
+
+
+@pytest.mark.parametrize(
+    ("stage", "override"),
+    [
+        ("pretrain", "pretrain.max_epochs=0"),
+        ("sft", "sft.max_epochs=0"),
+        ("rm", "rm.max_epochs=0"),
+        ("ppo", "ppo.n_rollouts=0"),
+        ("ppo", "ppo.n_rollouts=-3"),
+        ("pipeline", "rm.max_epochs=0"),  # found before pretrain and SFT train
+    ],
+)
+def test_zero_length_runs_are_refused_before_anything_is_built(
+    compose_cfg, tmp_path, stage, override
+):
+    from lit_rlhf.stages.lm import run_pretrain, run_sft
+    from lit_rlhf.stages.ppo import run_ppo
+    from lit_rlhf.stages.report import run_pipeline
+    from lit_rlhf.stages.rm import run_rm
+
+    runners = {"pretrain": run_pretrain, "sft": run_sft, "rm": run_rm, "ppo": run_ppo}
+    runners["pipeline"] = run_pipeline
+    cfg = compose_cfg(f"stage={stage}", override)
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}=.*at least one step"):
+        runners[stage](ctx)
+    assert not (tmp_path / "exports").exists() and not (tmp_path / "data").exists()

@@ -90,6 +90,34 @@ class ConfigError(ValueError):
     """An impossible setting, caught before any training starts."""
 
 
+#: Each trained stage's run-length setting: (config section, key).
+RUN_LENGTH = {
+    "pretrain": ("pretrain", "max_epochs"),
+    "sft": ("sft", "max_epochs"),
+    "rm": ("rm", "max_epochs"),
+    "ppo": ("ppo", "n_rollouts"),
+    "ppo_ptx": ("ppo", "n_rollouts"),
+}
+
+
+def check_run_length(cfg: dict, stage: str) -> None:
+    """Raise :class:`ConfigError` unless ``stage``'s run length is an integer >= 1.
+
+    A zero-length run would export the untrained starting model under the stage's name, and
+    every later stage would reuse it as if it had been trained. Stages without a run length
+    (data, label, eval) pass.
+    """
+    if stage not in RUN_LENGTH:
+        return
+    section, key = RUN_LENGTH[stage]
+    value = cfg[section].get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"{section}.{key}={value!r}: a stage must train for at least one step "
+            f"(a zero-length run would export the untrained model as finished); use >= 1"
+        )
+
+
 @dataclass
 class StageContext:
     """Plain-Python view of a run, handed to every stage runner.
