@@ -10,6 +10,7 @@ import shutil
 import tempfile
 
 import lightning as L
+import torch
 
 log = logging.getLogger("lit_rlhf")
 
@@ -58,6 +59,28 @@ def save_hf_folder(model, tokenizer, export_dir: str, info: dict | None = None) 
     return os.path.abspath(export_dir)
 
 
+class NonFiniteModelError(RuntimeError):
+    """A trained model holds NaN or inf weights; it is not exported."""
+
+
+def raise_if_nonfinite(trainer: L.Trainer, module: torch.nn.Module, stage: str, export_dir: str):
+    """Raise :class:`NonFiniteModelError` on every rank if any rank's weights are not finite.
+
+    Counts the parameters this rank holds (an FSDP2 shard reads its local part), and the
+    ranks agree on the decision, so none is left waiting for an export that never comes.
+    """
+    bad = total = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += int((~torch.isfinite(local.detach())).sum())
+        total += local.numel()
+    if trainer.strategy.reduce_boolean_decision(bad > 0, all=False):
+        raise NonFiniteModelError(
+            f"[{stage}] {bad:,} of {total:,} weights are NaN or inf after training, so nothing "
+            f"was exported to {export_dir}; the run diverged: lower its learning rate or add warmup"
+        )
+
+
 def is_complete_export(path: str | None) -> bool:
     """True when ``path`` is a finished export of this kit (its marker exists)."""
     return bool(path) and os.path.isfile(os.path.join(path, MARKER))
@@ -79,6 +102,8 @@ class HFExportCallback(L.Callback):
         self.export_dir, self.tokenizer, self.info = export_dir, tokenizer, info or {}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stage = self.info.get("stage", "export")
+        raise_if_nonfinite(trainer, pl_module, stage, self.export_dir)
         gather = getattr(pl_module, "gathered_export_model", None)
         model = gather() if gather is not None else pl_module.export_model()
         if trainer.is_global_zero and model is not None:

@@ -163,12 +163,20 @@ def main(cfg: DictConfig) -> float | None:
         The value of ``cfg.optimized_metric`` when it is set (what Hydra's Optuna sweeper
         optimizes), read from the run's ``metrics.json``; None otherwise.
     """
+    from lit_rlhf.callbacks.hf_export import NonFiniteModelError
     from lit_rlhf.data.records import DataFormatError
     from lit_rlhf.models.loading import ModelLoadError
     from lit_rlhf.models.packing import PackedAttentionError
     from lit_rlhf.stages.context import ConfigError, MissingInputError
 
-    errors = (DataFormatError, ModelLoadError, MissingInputError, ConfigError, PackedAttentionError)
+    errors = (
+        DataFormatError,
+        ModelLoadError,
+        MissingInputError,
+        ConfigError,
+        PackedAttentionError,
+        NonFiniteModelError,
+    )
     try:
         run(cfg)
     except errors as err:

@@ -311,3 +311,41 @@ def test_zero_length_runs_are_refused_before_anything_is_built(
     with pytest.raises(ConfigError, match=rf"{key}=.*at least one step"):
         runners[stage](ctx)
     assert not (tmp_path / "exports").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_cli_diverged_model_is_one_clear_line_and_not_exported(tmp_path, tok, tiny_gpt2, stage):
+    base = tmp_path / "base"
+    tiny_gpt2(num_layers=1).save_pretrained(base)
+    tok.save_pretrained(base)
+    env = {
+        **os.environ,
+        "LIT_RLHF_HOME": str(tmp_path),
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    # The RM starts from the (finite) base model, so only its own lr can diverge.
+    init = [f"rm.init_from={base}", "rm.bias_samples=0"] if stage == "rm" else []
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "debug=fast",
+            f"stage={stage}",
+            f"{stage}.lr=1e30",
+            f"model.name_or_path={base}",
+            "logger=none",
+            *init,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "NaN or inf" in errors[0], proc.stderr[-3000:]
+    exports = tmp_path / "exports"
+    assert not list(exports.glob(f"{stage}-*")), list(exports.iterdir())

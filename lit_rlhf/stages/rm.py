@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from lit_rlhf.callbacks.hf_export import atomic_output_dir
+from lit_rlhf.callbacks.hf_export import atomic_output_dir, raise_if_nonfinite
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
 from lit_rlhf.data.comparisons import ComparisonsDataModule
 from lit_rlhf.data.records import read_records
@@ -106,6 +106,7 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
     stage_dir = ctx.stage_dir(stage)
     trainer = ctx.make_trainer(stage_dir, rcfg, [MetricsJSONCallback(stage_dir)])
     trainer.fit(module, datamodule=dm, ckpt_path=rcfg.get("resume_from"))
+    raise_if_nonfinite(trainer, module, stage, ctx.export_dir("rm"))
 
     # InstructGPT: shift the RM so labeler demonstrations score mean 0. Every rank takes part
     # in gathering the weights (FSDP2); ranks holding a full model compute the same bias, and
