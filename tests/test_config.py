@@ -201,32 +201,36 @@ def test_multirun_with_ddp_is_refused(compose_cfg):
     _check_multirun_strategy(compose_cfg("strategy=ddp"))  # a single run is fine
 
 
-def test_cli_missing_data_file_is_one_clear_line(tmp_path, tok, tiny_gpt2):
-    pytest.importorskip("lit_rlhf.data.embedded")
-    base = tmp_path / "base"
-    tiny_gpt2(num_layers=1).save_pretrained(base)
-    tok.save_pretrained(base)
-    missing = tmp_path / "no_such_demos.jsonl"
+def _train_cli(tmp_path, *overrides, timeout=120):
+    """``python train.py *overrides`` with LIT_RLHF_HOME=tmp_path, quiet and single-threaded."""
     env = {
         **os.environ,
         "LIT_RLHF_HOME": str(tmp_path),
         "TQDM_DISABLE": "1",
         "OMP_NUM_THREADS": "1",
     }
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "stage=sft",
-            f"data.demonstrations={missing}",
-            f"model.name_or_path={base}",
-            "logger=none",
-        ],
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
+    )
+
+
+def test_cli_missing_data_file_is_one_clear_line(tmp_path, tok, tiny_gpt2):
+    pytest.importorskip("lit_rlhf.data.embedded")
+    base = tmp_path / "base"
+    tiny_gpt2(num_layers=1).save_pretrained(base)
+    tok.save_pretrained(base)
+    missing = tmp_path / "no_such_demos.jsonl"
+    proc = _train_cli(
+        tmp_path,
+        "stage=sft",
+        f"data.demonstrations={missing}",
+        f"model.name_or_path={base}",
+        "logger=none",
     )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -318,29 +322,16 @@ def test_cli_diverged_model_is_one_clear_line_and_not_exported(tmp_path, tok, ti
     base = tmp_path / "base"
     tiny_gpt2(num_layers=1).save_pretrained(base)
     tok.save_pretrained(base)
-    env = {
-        **os.environ,
-        "LIT_RLHF_HOME": str(tmp_path),
-        "TQDM_DISABLE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
     # The RM starts from the (finite) base model, so only its own lr can diverge.
     init = [f"rm.init_from={base}", "rm.bias_samples=0"] if stage == "rm" else []
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "debug=fast",
-            f"stage={stage}",
-            f"{stage}.lr=1e30",
-            f"model.name_or_path={base}",
-            "logger=none",
-            *init,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = _train_cli(
+        tmp_path,
+        "debug=fast",
+        f"stage={stage}",
+        f"{stage}.lr=1e30",
+        f"model.name_or_path={base}",
+        "logger=none",
+        *init,
         timeout=300,
     )
     assert proc.returncode != 0
