@@ -53,6 +53,14 @@ def test_missing_file_names_path(tmp_path):
         assert missing in str(err.value)
 
 
+def test_folder_given_as_data_file_says_it_is_a_folder(tmp_path):
+    for name in ("demos.jsonl", "demos.json", "demos.parquet", "demos"):
+        folder = tmp_path / name
+        folder.mkdir()
+        with pytest.raises(DataFormatError, match="is a folder; give the file inside it"):
+            read_records(str(folder), "demonstrations")
+
+
 def test_missing_field_names_file_line_and_field(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [*_demos(2), "   ", {"prompt": "p"}])
     with pytest.raises(DataFormatError) as err:

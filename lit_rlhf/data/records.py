@@ -38,12 +38,21 @@ def _where(source: str, index: int, kind: str) -> str:
     return f"{source}, {unit} {index}"
 
 
+def _require_file(source: str) -> None:
+    """Raise one clear line unless ``source`` is a readable file (a folder is not one)."""
+    if os.path.isdir(source):
+        raise DataFormatError(
+            f"data file '{source}' is a folder; give the file inside it (.jsonl, .json, .parquet)"
+        )
+    if not os.path.isfile(source):
+        raise DataFormatError(f"data file '{source}' does not exist; check the path override")
+
+
 def _iter_raw(source: str) -> Iterator[tuple[int, Any, str]]:
     """Yield ``(1-based index, raw record, kind)`` from a file or HF dataset."""
     lower = source.lower()
     if lower.endswith(".jsonl"):
-        if not os.path.isfile(source):
-            raise DataFormatError(f"data file '{source}' does not exist; check the path override")
+        _require_file(source)
         with open(source, "rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
                 try:
@@ -63,8 +72,7 @@ def _iter_raw(source: str) -> Iterator[tuple[int, Any, str]]:
                         f"{err.colno}); each line must be one JSON object"
                     ) from None
     elif lower.endswith(".json"):
-        if not os.path.isfile(source):
-            raise DataFormatError(f"data file '{source}' does not exist; check the path override")
+        _require_file(source)
         try:
             with open(source, encoding="utf-8") as fh:
                 data = json.load(fh)
@@ -83,8 +91,7 @@ def _iter_raw(source: str) -> Iterator[tuple[int, Any, str]]:
         for i, rec in enumerate(data, start=1):
             yield i, rec, "json"
     elif lower.endswith(".parquet"):
-        if not os.path.isfile(source):
-            raise DataFormatError(f"data file '{source}' does not exist; check the path override")
+        _require_file(source)
         import pyarrow.parquet as pq
 
         try:
@@ -94,6 +101,8 @@ def _iter_raw(source: str) -> Iterator[tuple[int, Any, str]]:
         for i, rec in enumerate(table.to_pylist(), start=1):
             yield i, rec, "parquet"
     else:
+        if os.path.isdir(source):
+            _require_file(source)
         if os.path.exists(source) or source.endswith((".csv", ".txt")):
             raise DataFormatError(
                 f"'{source}': unsupported data file; use .jsonl, .json or .parquet"
