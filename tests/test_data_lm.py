@@ -216,6 +216,8 @@ def test_comparisons_pairwise_and_kwise(tmp_path):
         ({"prompt": "p", "completions": ["a", 3], "ranks": [0, 1]}, "completion 1 must be"),
         ({"prompt": "p", "completions": ["a", "b"]}, "missing field 'ranks'"),
         ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "are the same text"),
+        ({"prompt": "p", "completions": ["a", "b"], "ranks": [0, 10**30]}, "rank 1 is 1000"),
     ],
 )
 def test_comparison_errors_name_file_and_line(tmp_path, record, pattern):

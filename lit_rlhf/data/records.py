@@ -150,6 +150,12 @@ def _comparison(rec: Mapping, f: Mapping[str, str], where: str) -> dict:
     if f["completions"] not in rec and f["chosen"] in rec:
         chosen = _text_field(rec, f, "chosen", where)
         rejected = _text_field(rec, f, "rejected", where)
+        if chosen == rejected:
+            # A preference between a text and itself teaches nothing; it is a data bug.
+            raise DataFormatError(
+                f"{where}: '{f['chosen']}' and '{f['rejected']}' are the same text; "
+                "fix or remove the record"
+            )
         return {"prompt": prompt, "completions": [chosen, rejected], "ranks": [0, 1]}
     for key in ("completions", "ranks"):
         if f[key] not in rec:
@@ -173,7 +179,8 @@ def _comparison(rec: Mapping, f: Mapping[str, str], where: str) -> dict:
             f"({len(comps)} completions, got {n})"
         )
     for j, r in enumerate(ranks):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        # The upper bound keeps ranks inside the int64 tensors they become (10**30 overflowed).
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < 2**31:
             raise DataFormatError(
                 f"{where}: rank {j} is {r!r}; ranks must be non-negative integers (0 = best)"
             )
