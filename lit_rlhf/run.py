@@ -138,6 +138,9 @@ def run(cfg: DictConfig) -> str:
     """Run the stage selected by ``cfg.stage.name``; returns its output path."""
     _check_multirun_strategy(cfg)
     _quiet_transformers()
+    from lit_rlhf.stages.checks import check_seed
+
+    check_seed({"seed": cfg.get("seed", 0)})
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = _run_dir(cfg)
     os.makedirs(run_dir, exist_ok=True)

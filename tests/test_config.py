@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -315,6 +316,48 @@ def test_zero_length_runs_are_refused_before_anything_is_built(
     with pytest.raises(ConfigError, match=rf"{key}=.*at least one step"):
         runners[stage](ctx)
     assert not (tmp_path / "exports").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "message"),
+    [
+        ("sft", "sft.schedule=cosinee", "sft.schedule='cosinee': use one of cosine"),
+        ("pretrain", "pretrain.lr=0", "pretrain.lr=0: use a finite number > 0"),
+        ("rm", "rm.batch_size=0", "rm.batch_size=0: use an integer >= 1"),
+        ("ppo", "ppo.temperature=0", "ppo.temperature=0: use a finite number > 0"),
+        ("ppo", "ppo.clip_range=-1", "ppo.clip_range=-1: use a finite number > 0"),
+        ("ppo", "ppo.max_new_tokens=0", "ppo.max_new_tokens=0: use an integer >= 1"),
+        ("label", "label.k_max=3", "label.k_min=4 > label.k_max=3"),
+        ("label", "label.k_min=1", "label.k_min=1: use an integer >= 2"),
+        ("pipeline", "ppo.batch_size=0", "ppo.batch_size=0"),  # before pretrain trains
+        ("sft", "seed=abc", "seed='abc': the seed must be an integer"),
+    ],
+)
+def test_impossible_settings_are_one_line_before_anything_is_built(
+    compose_cfg, tmp_path, stage, override, message
+):
+    from lit_rlhf.run import runners
+
+    cfg = compose_cfg(f"stage={stage}", override)
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        runners()[stage](ctx, stage)
+    assert not (tmp_path / "exports").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("extra", [(), ("debug=fast",)])
+def test_default_settings_pass_every_stage_check(compose_cfg, extra):
+    from lit_rlhf.stages.checks import SECTIONS, check_stage_config
+
+    cfg = compose_cfg(*extra)
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    for stage in [*SECTIONS, "eval"]:
+        check_stage_config(cfg, stage)
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])

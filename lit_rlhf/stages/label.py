@@ -21,6 +21,7 @@ from lit_rlhf.eval.gold import GoldJudge
 from lit_rlhf.eval.labeler import SimulatedLabeler, build_comparisons, pairwise_agreement
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.sampling import sample_responses
+from lit_rlhf.stages.checks import check_stage_config
 from lit_rlhf.stages.context import StageContext
 
 log = logging.getLogger("lit_rlhf")
@@ -29,6 +30,7 @@ log = logging.getLogger("lit_rlhf")
 def run_label(ctx: StageContext, stage: str = "label") -> str:
     """Sample, judge and rank; returns the folder holding the comparison files."""
     lcfg = ctx.cfg["label"]
+    check_stage_config(ctx.cfg, stage)
     start = time.perf_counter()
     policy_path = ctx.require("sft", lcfg.get("policy_path"), "label.policy_path")
     tokenizer = load_tokenizer(policy_path)

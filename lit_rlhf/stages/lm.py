@@ -12,7 +12,8 @@ from lit_rlhf.data.lm_datamodule import DemonstrationsDataModule, PretrainDataMo
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.tiny import build_tiny_causal_lm
 from lit_rlhf.modules.sft import SFTModule
-from lit_rlhf.stages.context import ConfigError, StageContext, check_run_length
+from lit_rlhf.stages.checks import check_stage_config
+from lit_rlhf.stages.context import ConfigError, StageContext
 
 log = logging.getLogger("lit_rlhf")
 
@@ -59,7 +60,7 @@ def tokenizer_for(ctx: StageContext):
 def run_pretrain(ctx: StageContext, stage: str = "pretrain") -> str:
     """Train the base model on ``{"text"}`` records (from scratch for the tiny model)."""
     mcfg, scfg = ctx.cfg["model"], ctx.cfg["pretrain"]
-    check_run_length(ctx.cfg, stage)
+    check_stage_config(ctx.cfg, stage)
     tokenizer = tokenizer_for(ctx)
     if mcfg.get("name_or_path"):
         model = load_causal_lm(mcfg["name_or_path"], mcfg["dtype"], mcfg.get("dropout"), tokenizer)
@@ -93,7 +94,7 @@ def run_pretrain(ctx: StageContext, stage: str = "pretrain") -> str:
 def run_sft(ctx: StageContext, stage: str = "sft") -> str:
     """Supervised fine-tuning on demonstrations, starting from the base model."""
     mcfg, scfg = ctx.cfg["model"], ctx.cfg["sft"]
-    check_run_length(ctx.cfg, stage)
+    check_stage_config(ctx.cfg, stage)
     if scfg.get("init_from"):
         base = ctx.require("pretrain", scfg["init_from"], "sft.init_from")
     elif mcfg.get("name_or_path"):

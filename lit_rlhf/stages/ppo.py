@@ -13,7 +13,8 @@ from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_
 from lit_rlhf.data.ppo_datamodule import PPODataModule
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.ppo import PPOModule, split_episodes
-from lit_rlhf.stages.context import ConfigError, StageContext, check_run_length
+from lit_rlhf.stages.checks import check_stage_config
+from lit_rlhf.stages.context import ConfigError, StageContext
 
 log = logging.getLogger("lit_rlhf")
 
@@ -68,7 +69,7 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
     pcfg = ctx.cfg["ppo"]
     ptx_on = stage == "ppo_ptx"
     # 0. Validate the config before loading anything.
-    check_run_length(ctx.cfg, stage)
+    check_stage_config(ctx.cfg, stage)
     if pcfg["kl_coef"] < 0:
         raise ConfigError(f"ppo.kl_coef (beta) must be >= 0, got {pcfg['kl_coef']}")
     try:

@@ -19,7 +19,8 @@ from lit_rlhf.eval.splits import heldout_labeler_agreement, policy_split_metrics
 from lit_rlhf.eval.stats import mean_ci, win_rate
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.reward import score_pairs
-from lit_rlhf.stages.context import ConfigError, StageContext, check_run_length
+from lit_rlhf.stages.checks import check_stage_config
+from lit_rlhf.stages.context import ConfigError, StageContext
 
 log = logging.getLogger("lit_rlhf")
 
@@ -193,7 +194,7 @@ def run_pipeline(ctx: StageContext, stage: str = "pipeline") -> str:
     steps = list(ctx.cfg["stage"].get("stages") or ())
     # Settings that no stage could run with stop the pipeline before pretrain trains.
     for step in steps:
-        check_run_length(ctx.cfg, step)
+        check_stage_config(ctx.cfg, step)
     timings = {}
     for step in steps:
         if step == "pretrain" and not ctx.uses_embedded_tokenizer():

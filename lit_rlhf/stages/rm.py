@@ -21,7 +21,8 @@ from lit_rlhf.data.records import read_records
 from lit_rlhf.models.heads import check_head_spec, fold_reward_bias, install_score_head
 from lit_rlhf.models.loading import load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.reward import RewardModule, demonstration_bias
-from lit_rlhf.stages.context import ConfigError, StageContext, check_run_length
+from lit_rlhf.stages.checks import check_stage_config
+from lit_rlhf.stages.context import ConfigError, StageContext
 
 log = logging.getLogger("lit_rlhf")
 
@@ -66,7 +67,7 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
     """Train the reward model; returns its export folder."""
     rcfg = ctx.cfg["rm"]
     # 0. Validate the config before loading anything.
-    check_run_length(ctx.cfg, stage)
+    check_stage_config(ctx.cfg, stage)
     head, head_hidden = rcfg.get("head", "mlp"), rcfg.get("head_hidden", 256)
     try:
         check_head_spec(head, head_hidden)

@@ -1,0 +1,102 @@
+"""Settings a stage cannot run with, found before anything is built or trained.
+
+Each rule names one key, so the error is one line that says which setting and what to use
+(``sft.schedule='cosinee': one of cosine, linear, constant``), instead of a traceback from
+the LR scheduler or the sampler mid-run. :func:`check_stage_config` runs for the stage being
+started and, in the pipeline, for every step before the first one trains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from lit_rlhf.stages.context import ConfigError, check_run_length
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def _optional(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or rule(v)
+
+
+_COUNT = (_int_at_least(1), "an integer >= 1")
+_POSITIVE = (_positive, "a finite number > 0")
+_SCHEDULE = (_one_of(SCHEDULES), "one of " + ", ".join(SCHEDULES))
+_OPTIMIZER = {"lr": _POSITIVE, "schedule": _SCHEDULE, "batch_size": _COUNT}
+
+#: Config section -> key -> (rule, what a valid value is). A key absent from the config is
+#: not checked here (the stage's own defaults apply).
+RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "pretrain": dict(_OPTIMIZER),
+    "sft": dict(_OPTIMIZER),
+    "rm": dict(_OPTIMIZER),
+    "ppo": {
+        **_OPTIMIZER,
+        "max_new_tokens": _COUNT,
+        "temperature": _POSITIVE,
+        "clip_range": _POSITIVE,
+        "value_clip_range": (_optional(_positive), "null or a finite number > 0"),
+        "micro_batch_size": (_optional(_int_at_least(1)), "null or an integer >= 1"),
+    },
+    "label": {
+        "k_min": (_int_at_least(2), "an integer >= 2 (a ranking needs two responses)"),
+        "k_max": (_int_at_least(2), "an integer >= label.k_min"),
+        "temperature": _POSITIVE,
+        "max_new_tokens": _COUNT,
+        "batch_size": _COUNT,
+    },
+}
+
+#: Stage -> the config sections it trains or samples with.
+SECTIONS = {
+    "pretrain": ("pretrain",),
+    "sft": ("sft",),
+    "label": ("label",),
+    "rm": ("rm",),
+    "ppo": ("ppo",),
+    "ppo_ptx": ("ppo",),
+}
+
+
+def check_seed(cfg: dict) -> None:
+    """Raise :class:`ConfigError` unless ``cfg["seed"]`` is an integer (``seed=abc``)."""
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r}: the seed must be an integer, e.g. seed=1")
+
+
+def check_stage_config(cfg: dict, stage: str) -> None:
+    """Raise :class:`ConfigError` for the first setting ``stage`` cannot run with.
+
+    Args:
+        cfg: The resolved run config as nested dicts.
+        stage: A stage name (``pretrain``, ``sft``, ``label``, ``rm``, ``ppo``, ``ppo_ptx``,
+            ``eval``); stages without rules pass.
+    """
+    check_seed(cfg)
+    check_run_length(cfg, stage)
+    for section in SECTIONS.get(stage, ()):
+        values = cfg.get(section) or {}
+        for key, (ok, valid) in RULES[section].items():
+            if key in values and not ok(values[key]):
+                raise ConfigError(f"{section}.{key}={values[key]!r}: use {valid}")
+    label = cfg.get("label") or {}
+    if stage == "label" and label.get("k_max", 2) < label.get("k_min", 2):
+        raise ConfigError(
+            f"label.k_min={label['k_min']} > label.k_max={label['k_max']}: K is drawn from "
+            "[k_min, k_max]; use k_min <= k_max"
+        )
