@@ -330,6 +330,7 @@ def test_zero_length_runs_are_refused_before_anything_is_built(
         ("label", "label.k_max=3", "label.k_min=4 > label.k_max=3"),
         ("label", "label.k_min=1", "label.k_min=1: use an integer >= 2"),
         ("pipeline", "ppo.batch_size=0", "ppo.batch_size=0"),  # before pretrain trains
+        ("pipeline", "ppo.micro_batch_size=3", "ppo.micro_batch_size (3) must be >= 1 and divide"),
         ("sft", "seed=abc", "seed='abc': the seed must be an integer"),
     ],
 )

@@ -39,17 +39,17 @@ def _where(source: str, index: int, kind: str) -> str:
 
 
 def _require_file(source: str) -> None:
-    """Raise one clear line unless ``source`` is a readable file (a folder is not one)."""
-    if os.path.isdir(source):
-        raise DataFormatError(
-            f"data file '{source}' is a folder; give the file inside it (.jsonl, .json, .parquet)"
-        )
+    """Raise one clear line unless the local data file ``source`` exists."""
     if not os.path.isfile(source):
         raise DataFormatError(f"data file '{source}' does not exist; check the path override")
 
 
 def _iter_raw(source: str) -> Iterator[tuple[int, Any, str]]:
     """Yield ``(1-based index, raw record, kind)`` from a file or HF dataset."""
+    if os.path.isdir(source):
+        raise DataFormatError(
+            f"data file '{source}' is a folder; give the file inside it (.jsonl, .json, .parquet)"
+        )
     lower = source.lower()
     if lower.endswith(".jsonl"):
         _require_file(source)
@@ -101,8 +101,6 @@ def _iter_raw(source: str) -> Iterator[tuple[int, Any, str]]:
         for i, rec in enumerate(table.to_pylist(), start=1):
             yield i, rec, "parquet"
     else:
-        if os.path.isdir(source):
-            _require_file(source)
         if os.path.exists(source) or source.endswith((".csv", ".txt")):
             raise DataFormatError(
                 f"'{source}': unsupported data file; use .jsonl, .json or .parquet"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+#: The names :func:`lr_multiplier` accepts.
+SCHEDULES = ("cosine", "linear", "constant")
+
 
 def lr_multiplier(
     step: int,
@@ -24,7 +27,7 @@ def lr_multiplier(
     Warmup rises linearly from ``warmup_start_ratio`` to 1 over ``warmup_steps`` steps.
     Steps past ``total_steps`` keep the final value.
     """
-    if schedule not in ("cosine", "linear", "constant"):
+    if schedule not in SCHEDULES:
         raise ValueError(f"unknown LR schedule {schedule!r}; use cosine, linear or constant")
     if warmup_steps > 0 and step < warmup_steps:
         return warmup_start_ratio + (1.0 - warmup_start_ratio) * step / warmup_steps

@@ -12,9 +12,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from lit_rlhf.modules.ppo import split_episodes
+from lit_rlhf.ops.schedules import SCHEDULES
 from lit_rlhf.stages.context import ConfigError, check_run_length
-
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 def _int_at_least(low: int) -> Callable[[Any], bool]:
@@ -50,7 +50,6 @@ RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "temperature": _POSITIVE,
         "clip_range": _POSITIVE,
         "value_clip_range": (_optional(_positive), "null or a finite number > 0"),
-        "micro_batch_size": (_optional(_int_at_least(1)), "null or an integer >= 1"),
     },
     "label": {
         "k_min": (_int_at_least(2), "an integer >= 2 (a ranking needs two responses)"),
@@ -94,9 +93,16 @@ def check_stage_config(cfg: dict, stage: str) -> None:
         for key, (ok, valid) in RULES[section].items():
             if key in values and not ok(values[key]):
                 raise ConfigError(f"{section}.{key}={values[key]!r}: use {valid}")
-    label = cfg.get("label") or {}
-    if stage == "label" and label.get("k_max", 2) < label.get("k_min", 2):
-        raise ConfigError(
-            f"label.k_min={label['k_min']} > label.k_max={label['k_max']}: K is drawn from "
-            "[k_min, k_max]; use k_min <= k_max"
-        )
+    if stage == "label":
+        k_min, k_max = cfg["label"].get("k_min", 2), cfg["label"].get("k_max", 2)
+        if k_max < k_min:
+            raise ConfigError(
+                f"label.k_min={k_min} > label.k_max={k_max}: K is drawn from [k_min, k_max]; "
+                "use k_min <= k_max"
+            )
+    if stage in ("ppo", "ppo_ptx"):
+        ppo = cfg["ppo"]
+        try:  # divisibility: a remainder would drop episodes from every PPO epoch
+            split_episodes(ppo["batch_size"], ppo["num_minibatches"], ppo.get("micro_batch_size"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None

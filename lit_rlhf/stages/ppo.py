@@ -12,7 +12,7 @@ from lit_rlhf.callbacks.hf_export import HFExportCallback
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
 from lit_rlhf.data.ppo_datamodule import PPODataModule
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
-from lit_rlhf.modules.ppo import PPOModule, split_episodes
+from lit_rlhf.modules.ppo import PPOModule
 from lit_rlhf.stages.checks import check_stage_config
 from lit_rlhf.stages.context import ConfigError, StageContext
 
@@ -72,10 +72,6 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
     check_stage_config(ctx.cfg, stage)
     if pcfg["kl_coef"] < 0:
         raise ConfigError(f"ppo.kl_coef (beta) must be >= 0, got {pcfg['kl_coef']}")
-    try:
-        split_episodes(pcfg["batch_size"], pcfg["num_minibatches"], pcfg.get("micro_batch_size"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     ptx = pcfg["ptx"]
     if ptx_on and (ptx["ratio"] <= 0 or ptx["coef"] <= 0):
         raise ConfigError("PPO-ptx needs ppo.ptx.ratio > 0 and ppo.ptx.coef > 0")
