@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lit_rlhf.stages.context import StageContext
+from lit_rlhf.stages.context import UPSTREAM, StageContext
 
 log = logging.getLogger("lit_rlhf")
 
@@ -134,9 +134,72 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+#: Where ``+key=value`` may add a key the shipped YAML lacks: open mappings (field renames,
+#: logger and callback instances, Hydra's own settings) and Trainer arguments, which are
+#: checked against ``lightning.Trainer``'s signature. Elsewhere an added key is a typo or a
+#: setting this kit does not have, and would be silently ignored.
+_OPEN_PREFIXES = ("data.fields.", "callbacks.", "logger.", "hydra.")
+
+
+def _check_added_keys() -> None:
+    """Refuse ``+key=value`` overrides that name a setting no config file defines."""
+    import difflib
+    import inspect
+
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lit_rlhf.stages.context import ConfigError
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # composed outside @hydra.main (tests)
+        return
+    texts = list(hc.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(texts)
+    loader = GlobalHydra.instance().config_loader()
+    trainer_args = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    suspects = []
+    for text, over in zip(texts, parsed, strict=True):
+        key = over.key_or_group
+        if not (over.is_add() or over.is_force_add()) or key.startswith(_OPEN_PREFIXES):
+            continue
+        if "." not in key and loader.get_group_options(key):
+            continue  # a config group, e.g. +experiment=seeds
+        section, _, leaf = key.rpartition(".")
+        if section == "trainer" or section.endswith(".trainer"):
+            if leaf not in trainer_args:
+                close = difflib.get_close_matches(leaf, sorted(trainer_args), n=1)
+                hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+                raise ConfigError(f"{text}: lightning.Trainer has no argument {leaf!r}{hint}")
+            continue
+        suspects.append((text, key))
+    if not suspects:
+        return
+    # Which of them exist without the additions (``++sft.lr=1`` on a real key is fine)?
+    others = [t for t, o in zip(texts, parsed, strict=True) if t not in {s for s, _ in suspects}]
+    base = compose(config_name=hc.job.config_name, overrides=others)
+    for text, key in suspects:
+        if OmegaConf.select(base, key, default=_ABSENT) is not _ABSENT:
+            continue
+        parent = OmegaConf.select(base, key.rpartition(".")[0]) if "." in key else base
+        known = sorted(parent.keys()) if isinstance(parent, DictConfig) else []
+        close = difflib.get_close_matches(key.rpartition(".")[2], [str(k) for k in known], n=1)
+        hint = f"did you mean {key.rpartition('.')[0]}.{close[0]}? " if close else ""
+        raise ConfigError(
+            f"{text}: no config file defines {key!r}, so nothing would read it; {hint}"
+            "`python train.py --cfg job` lists every setting"
+        )
+
+
+_ABSENT = object()
+
+
 def run(cfg: DictConfig) -> str:
     """Run the stage selected by ``cfg.stage.name``; returns its output path."""
     _check_multirun_strategy(cfg)
+    _check_added_keys()
     _quiet_transformers()
     from lit_rlhf.stages.checks import check_seed
 
@@ -154,7 +217,13 @@ def run(cfg: DictConfig) -> str:
     ctx = StageContext(
         cfg=plain, run_dir=run_dir, make_trainer=make_trainer_factory(cfg), runners=table
     )
-    out = table[name](ctx, name)
+    if name in UPSTREAM:  # a stage with an export folder: one builder at a time
+        from lit_rlhf.callbacks.hf_export import export_lock
+
+        with export_lock(ctx.export_dir(name), name):
+            out = table[name](ctx, name)
+    else:
+        out = table[name](ctx, name)
     log.info("stage %s finished: %s", name, out)
     return out
 
@@ -166,7 +235,7 @@ def main(cfg: DictConfig) -> float | None:
         The value of ``cfg.optimized_metric`` when it is set (what Hydra's Optuna sweeper
         optimizes), read from the run's ``metrics.json``; None otherwise.
     """
-    from lit_rlhf.callbacks.hf_export import NonFiniteModelError
+    from lit_rlhf.callbacks.hf_export import ExportError, NonFiniteModelError
     from lit_rlhf.data.records import DataFormatError
     from lit_rlhf.models.loading import ModelLoadError
     from lit_rlhf.models.packing import PackedAttentionError
@@ -179,14 +248,25 @@ def main(cfg: DictConfig) -> float | None:
         ConfigError,
         PackedAttentionError,
         NonFiniteModelError,
+        ExportError,
     )
     try:
         run(cfg)
     except errors as err:
-        log.error("%s", err)
+        # The terminal gets the line once (SystemExit prints it); train.log keeps a copy.
+        _log_to_files(logging.ERROR, str(err))
         raise SystemExit(f"error: {err}") from None
     name = cfg.get("optimized_metric")
     return read_run_metric(_run_dir(cfg), name) if name else None
+
+
+def _log_to_files(level: int, message: str) -> None:
+    """Write ``message`` to the log files only (not to the console handlers)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for logger in (log, logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler) and level >= handler.level:
+                handler.handle(record)
 
 
 def _run_dir(cfg: DictConfig) -> str:
@@ -280,25 +360,6 @@ class SweepSummary(Callback):
         log.info("sweep summary (%d jobs): %s", len(rows), png)
 
 
-def _git_commit() -> str | None:
-    """The checkout's commit (with ``+dirty`` when files changed), or None outside git."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
 class SeedsSummary(Callback):
     """Hydra callback: after a multirun over ``seed``, summarize the jobs' metrics.
 
@@ -316,7 +377,7 @@ class SeedsSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         import json
 
-        from lit_rlhf.eval.seeds import write_seeds_summary
+        from lit_rlhf.eval.seeds import git_commit, write_seeds_summary
 
         sweep_dir = str(config.hydra.sweep.dir)
         jobs = []
@@ -336,7 +397,7 @@ class SeedsSummary(Callback):
         if not jobs:
             log.warning("seeds summary: no job under %s wrote metrics.json", sweep_dir)
             return
-        summary = write_seeds_summary(jobs, sweep_dir, self.command, _git_commit())
+        summary = write_seeds_summary(jobs, sweep_dir, self.command, git_commit())
         failed = [k for k, v in summary["targets"].items() if v["met_on"] < v["of"]]
         log.info(
             "seeds summary (%d seeds): %s; targets missed on some seed: %s",

@@ -163,6 +163,42 @@ def test_precision_is_part_of_trained_stages_fingerprints(compose_cfg, tmp_path)
     assert prints() == fp32
 
 
+def test_trainer_settings_that_change_results_are_in_the_fingerprint(compose_cfg, tmp_path):
+    def prints(*overrides):
+        cfg = compose_cfg(*overrides)
+        with open_dict(cfg):
+            cfg.pop("hydra")
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+        ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
+        return {s: ctx.fingerprint(s) for s in ("pretrain", "sft", "rm")}
+
+    default = prints()
+    for override in (
+        "+trainer.max_steps=2",
+        "+trainer.accumulate_grad_batches=2",
+        "trainer.devices=2",
+    ):
+        assert all(prints(override)[s] != default[s] for s in default), override
+    # The neutral values keep the default's folder names (exports made before stay reused).
+    assert prints("+trainer.accumulate_grad_batches=1", "trainer.log_every_n_steps=3") == default
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+sft.lrr=1e-3", "+sft.lrr=1e-3: no config file defines 'sft.lrr'"),
+        ("+model.gradient_checkpointing=true", "no config file defines 'model.gradient_checkpoint"),
+        ("+trainer.max_stepz=2", "lightning.Trainer has no argument 'max_stepz'"),
+    ],
+)
+def test_cli_unknown_added_key_is_one_clear_line(tmp_path, override, message):
+    proc = _train_cli(tmp_path, "stage=sft", "debug=fast", override)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "data").exists()  # found before the world is generated
+
+
 def test_callback_can_be_nulled(compose_cfg, tmp_path):
     cfg = compose_cfg("callbacks.checkpoint=null", "logger=none")
     trainer = make_trainer_factory(cfg)(str(tmp_path / "stage"), {})
@@ -238,7 +274,12 @@ def test_cli_missing_data_file_is_one_clear_line(tmp_path, tok, tiny_gpt2):
     errors = [ln for ln in proc.stderr.splitlines() if str(missing) in ln]
     assert len(errors) == 1, proc.stderr
     assert errors[0].startswith("error:") and "does not exist" in errors[0]
-    assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").iterdir())
+    # Once on the terminal (stdout and stderr together), and kept in the run's train.log.
+    assert sum(str(missing) in ln for ln in (proc.stdout + proc.stderr).splitlines()) == 1
+    logs = list((tmp_path / "logs").rglob("train.log"))
+    assert logs and any(str(missing) in p.read_text() for p in logs)
+    exports = tmp_path / "exports"  # no export folder (the hidden .locks folder is not one)
+    assert not exports.exists() or not [p for p in exports.iterdir() if not p.name.startswith(".")]
 
 
 def test_isolated_rng_hands_the_caller_its_rng_state_back():
@@ -332,6 +373,8 @@ def test_zero_length_runs_are_refused_before_anything_is_built(
         ("pipeline", "ppo.batch_size=0", "ppo.batch_size=0"),  # before pretrain trains
         ("pipeline", "ppo.micro_batch_size=3", "ppo.micro_batch_size (3) must be >= 1 and divide"),
         ("sft", "seed=abc", "seed='abc': the seed must be an integer"),
+        ("ppo", "ppo.kl_coef=-0.1", "ppo.kl_coef=-0.1: use a finite number >= 0"),
+        ("sft", "precision=16-mixed", "precision=16-mixed needs a CUDA GPU"),
     ],
 )
 def test_impossible_settings_are_one_line_before_anything_is_built(

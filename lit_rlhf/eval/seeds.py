@@ -173,3 +173,22 @@ def write_seeds_summary(
         fh.write(seeds_markdown(summary, command, commit))
     plot_seeds(summary, os.path.join(out_dir, "seeds_summary.png"))
     return summary
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` when files changed), or None outside git."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")

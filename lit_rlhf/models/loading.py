@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -181,11 +182,18 @@ def load_causal_lm(
             the model and generation configs.
     """
     config = _load_config(name_or_path, dropout)
+    archs = getattr(config, "architectures", None) or []
+    if archs and all("SequenceClassification" in a for a in archs):
+        # transformers would load the backbone and invent a random LM head without a word.
+        raise ModelLoadError(
+            f"'{name_or_path}' is a reward/value model (architectures={archs}), not a causal "
+            "LM; pass a language-model folder (the pretrain, sft or ppo stage's export)"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, config=config, dtype=resolve_dtype(dtype)
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise ModelLoadError(f"{_describe(name_or_path, 'model')} as a causal LM: {err}") from err
     if dropout is not None:
         set_module_dropout(model, dropout)
@@ -227,7 +235,7 @@ def load_sequence_classifier(
             model = AutoModelForSequenceClassification.from_pretrained(
                 name_or_path, config=config, dtype=resolve_dtype(dtype)
             )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise ModelLoadError(
             f"{_describe(name_or_path, 'model')} as a sequence classifier: {err}"
         ) from err

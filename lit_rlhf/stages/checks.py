@@ -14,7 +14,7 @@ from typing import Any
 
 from lit_rlhf.modules.ppo import split_episodes
 from lit_rlhf.ops.schedules import SCHEDULES
-from lit_rlhf.stages.context import ConfigError, check_run_length
+from lit_rlhf.stages.context import TRAINED_STAGES, ConfigError, check_run_length
 
 
 def _int_at_least(low: int) -> Callable[[Any], bool]:
@@ -27,6 +27,10 @@ def _positive(v: Any) -> bool:
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
     return lambda v: v in choices
+
+
+def _non_negative(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
 def _optional(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -49,6 +53,7 @@ RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "max_new_tokens": _COUNT,
         "temperature": _POSITIVE,
         "clip_range": _POSITIVE,
+        "kl_coef": (_non_negative, "a finite number >= 0 (beta of the KL penalty)"),
         "value_clip_range": (_optional(_positive), "null or a finite number > 0"),
     },
     "label": {
@@ -78,6 +83,25 @@ def check_seed(cfg: dict) -> None:
         raise ConfigError(f"seed={seed!r}: the seed must be an integer, e.g. seed=1")
 
 
+def check_precision(cfg: dict) -> None:
+    """Raise :class:`ConfigError` for a precision the run's device would silently replace.
+
+    Lightning swaps ``16-mixed`` for ``bf16-mixed`` on CPU with a warning, so the export
+    would be bf16-trained under a 16-mixed fingerprint.
+    """
+    import torch
+
+    trainer = cfg.get("trainer") or {}
+    precision = str(trainer.get("precision", ""))
+    accelerator = str(trainer.get("accelerator") or "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision in ("16-mixed", "16") and on_cpu:
+        raise ConfigError(
+            f"precision={precision} needs a CUDA GPU (fp16 autocast); on CPU Lightning would "
+            "run bf16-mixed instead: use precision=bf16-mixed or precision=32-true"
+        )
+
+
 def check_stage_config(cfg: dict, stage: str) -> None:
     """Raise :class:`ConfigError` for the first setting ``stage`` cannot run with.
 
@@ -88,6 +112,8 @@ def check_stage_config(cfg: dict, stage: str) -> None:
     """
     check_seed(cfg)
     check_run_length(cfg, stage)
+    if stage in TRAINED_STAGES:
+        check_precision(cfg)
     for section in SECTIONS.get(stage, ()):
         values = cfg.get(section) or {}
         for key, (ok, valid) in RULES[section].items():

@@ -78,6 +78,23 @@ STAGE_DATA = {
     "ppo": ("prompts",),
     "ppo_ptx": ("prompts", "pretrain"),
 }
+#: Trainer arguments that change what a stage trains -> their neutral value (the shipped
+#: trainer configs leave them at it). ``trainer.precision`` is hashed separately.
+TRAINER_RESULT_KEYS = {
+    "max_steps": -1,
+    "max_epochs": None,
+    "min_steps": None,
+    "min_epochs": None,
+    "max_time": None,
+    "limit_train_batches": None,
+    "overfit_batches": 0.0,
+    "accumulate_grad_batches": 1,
+    "gradient_clip_val": None,
+    "gradient_clip_algorithm": None,
+    "devices": 1,
+    "num_nodes": 1,
+    "deterministic": None,
+}
 #: Keys that never change a stage's result (where things go, how often to log).
 _NEUTRAL = {"export_dir", "log_every_n_steps", "progress", "enable_checkpointing"}
 
@@ -214,8 +231,19 @@ class StageContext:
                 ptx["enabled"] = stage == "ppo_ptx"
                 parts["ppo"]["ptx"] = ptx
             if stage in TRAINED_STAGES:
+                trainer = self.cfg.get("trainer") or {}
                 # The arithmetic changes the weights: a bf16 run must not reuse fp32 exports.
-                parts["precision"] = str((self.cfg.get("trainer") or {}).get("precision", ""))
+                parts["precision"] = str(trainer.get("precision", ""))
+                # So do run length, accumulation, clipping and the world size. Only settings
+                # that differ from the neutral value enter the hash, so the default's folders
+                # keep their names.
+                changed = {
+                    k: trainer[k]
+                    for k in sorted(trainer)
+                    if k in TRAINER_RESULT_KEYS and trainer[k] != TRAINER_RESULT_KEYS[k]
+                }
+                if changed:
+                    parts["trainer"] = changed
             parts["upstream"] = [self.fingerprint(u) for u in UPSTREAM[stage] if self._in_graph(u)]
             blob = json.dumps(parts, sort_keys=True, default=str).encode()
             self._fingerprints[stage] = hashlib.sha256(blob).hexdigest()[:10]
@@ -250,7 +278,12 @@ class StageContext:
             given: A user-given path for it (from an override); must exist.
             what: The override name, for the error message.
         """
-        from lit_rlhf.callbacks.hf_export import is_complete_export
+        from lit_rlhf.callbacks.hf_export import (
+            ExportError,
+            export_lock,
+            export_problem,
+            is_complete_export,
+        )
 
         if given:
             if not os.path.exists(given):
@@ -259,16 +292,31 @@ class StageContext:
                     f"`python train.py stage={stage.replace('_ptx', '')}` (or point {what} at an "
                     "existing folder)"
                 )
+            problem = export_problem(given) if is_complete_export(given) else None
+            if problem:
+                raise ExportError(
+                    f"{what or 'input'}='{given}' is damaged: {problem}; rebuild it with "
+                    f"`python train.py stage={stage.replace('_ptx', '')}` or restore the folder"
+                )
             return given
         path = self.export_dir(stage)
-        if is_complete_export(path):
-            log.info("[%s] reusing existing output %s", stage, path)
-            return path
-        log.info("[%s] output for this config is missing (%s): building it first", stage, path)
-        # A stage's result must not depend on whether its upstream was built in this process or
-        # reused from disk: the upstream build starts from a fresh seed, and the caller gets its
-        # own RNG state back afterwards (measured: without the restore, `stage=sft` from
-        # scratch and `stage=sft` with pretrain on disk trained SFT models 0.29 apart).
-        with isolated_rng():
-            L.seed_everything(self.cfg.get("seed", 0), workers=True, verbose=False)
-            return self.runners[stage](self, stage)
+        with export_lock(path, stage):
+            if is_complete_export(path):
+                problem = export_problem(path)
+                if problem is None:
+                    log.info("[%s] reusing existing output %s", stage, path)
+                    return path
+                log.warning(
+                    "[%s] %s looks finished, but %s: building it again", stage, path, problem
+                )
+            else:
+                log.info(
+                    "[%s] output for this config is missing (%s): building it first", stage, path
+                )
+            # A stage's result must not depend on whether its upstream was built in this process
+            # or reused from disk: the upstream build starts from a fresh seed, and the caller gets
+            # its own RNG state back afterwards (measured: without the restore, `stage=sft` from
+            # scratch and `stage=sft` with pretrain on disk trained SFT models 0.29 apart).
+            with isolated_rng():
+                L.seed_everything(self.cfg.get("seed", 0), workers=True, verbose=False)
+                return self.runners[stage](self, stage)

@@ -34,19 +34,24 @@ def _module_kwargs(scfg: dict, stage: str) -> dict:
 def _fit(ctx: StageContext, stage: str, module, datamodule, tokenizer, export_dir: str) -> str:
     scfg = ctx.cfg[stage]
     stage_dir = ctx.stage_dir(stage)
+    start = time.perf_counter()
+
+    def extras() -> dict:
+        # Called by the export on rank 0 before its marker, so metrics.json is part of the
+        # finished folder (MetricsJSONCallback, earlier in the list, has written the rest).
+        extra = {f"{stage}/seconds": time.perf_counter() - start}
+        extra.update(datamodule.truncation.as_metrics())
+        return {"metrics.json": update_metrics_json(os.path.join(stage_dir, "metrics.json"), extra)}
+
     callbacks = [
         MetricsJSONCallback(stage_dir),
-        HFExportCallback(export_dir, tokenizer, info={"stage": stage, "run_dir": stage_dir}),
+        HFExportCallback(
+            export_dir, tokenizer, info={"stage": stage, "run_dir": stage_dir}, extras=extras
+        ),
     ]
     trainer = ctx.make_trainer(stage_dir, scfg, callbacks)
-    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=scfg.get("resume_from"))
-    seconds = time.perf_counter() - start
-    extra = {f"{stage}/seconds": seconds, **datamodule.truncation.as_metrics()}
-    if trainer.is_global_zero:
-        metrics = update_metrics_json(os.path.join(stage_dir, "metrics.json"), extra)
-        update_metrics_json(os.path.join(export_dir, "metrics.json"), metrics)
-    log.info("[%s] done in %.1f s; export: %s", stage, seconds, export_dir)
+    log.info("[%s] done in %.1f s; export: %s", stage, time.perf_counter() - start, export_dir)
     return export_dir
 
 

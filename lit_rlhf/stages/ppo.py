@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -54,14 +53,25 @@ MODULE_KEYS = (
 )
 
 
-def check_same_tokenizer(policy_tok, reward_tok, policy_path: str, reward_path: str) -> None:
-    """The RM scores the policy's token ids, so both must share one vocabulary."""
-    if policy_tok.get_vocab() != reward_tok.get_vocab():
-        raise ConfigError(
-            f"tokenizer mismatch: the policy ('{policy_path}', {len(policy_tok)} tokens) and the "
-            f"reward model ('{reward_path}', {len(reward_tok)} tokens) use different vocabularies; "
-            "train the RM from the same SFT model (rm.init_from) or pass a matching RM"
-        )
+def check_same_vocabulary(policy_tok, policy_path: str, others: dict[str, str]) -> None:
+    """Every model of PPO reads the policy's token ids, so all must share its vocabulary.
+
+    Args:
+        policy_tok: The policy's tokenizer.
+        policy_path: Where the policy comes from (for the message).
+        others: ``{role: folder}`` of the reference, value and reward models.
+    """
+    vocab = policy_tok.get_vocab()
+    for role, path in others.items():
+        if path == policy_path:
+            continue
+        other = load_tokenizer(path)
+        if other.get_vocab() != vocab:
+            raise ConfigError(
+                f"tokenizer mismatch: the policy ('{policy_path}', {len(policy_tok)} tokens) and "
+                f"the {role} ('{path}', {len(other)} tokens) use different vocabularies; train "
+                f"every model of the run from the same SFT model, or pass a matching {role}"
+            )
 
 
 def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
@@ -70,8 +80,6 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
     ptx_on = stage == "ppo_ptx"
     # 0. Validate the config before loading anything.
     check_stage_config(ctx.cfg, stage)
-    if pcfg["kl_coef"] < 0:
-        raise ConfigError(f"ppo.kl_coef (beta) must be >= 0, got {pcfg['kl_coef']}")
     ptx = pcfg["ptx"]
     if ptx_on and (ptx["ratio"] <= 0 or ptx["coef"] <= 0):
         raise ConfigError("PPO-ptx needs ppo.ptx.ratio > 0 and ppo.ptx.coef > 0")
@@ -93,7 +101,11 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
 
     # 2. Models: dropout off everywhere; policy/value trainable, reference/RM frozen.
     tokenizer = load_tokenizer(policy_path)
-    check_same_tokenizer(tokenizer, load_tokenizer(reward_path), policy_path, reward_path)
+    check_same_vocabulary(
+        tokenizer,
+        policy_path,
+        {"reference model": ref_path, "value model": value_path, "reward model": reward_path},
+    )
     dtype = ctx.cfg["model"]["dtype"]
     module = PPOModule(
         policy=load_causal_lm(policy_path, dtype, 0.0, tokenizer),
@@ -121,9 +133,24 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
     # 3. Train: one Lightning "batch" per rollout; the module stops after n_rollouts.
     stage_dir = ctx.stage_dir(stage)
     export_dir = ctx.export_dir(stage)
+    start = time.perf_counter()
+
+    def extras() -> dict:
+        # Written into the export before its marker: a folder with a marker has all of them.
+        extra = {
+            f"{stage}/seconds": time.perf_counter() - start,
+            f"{stage}/seconds_per_rollout": (time.perf_counter() - start)
+            / max(1, module.rollouts_done),
+            "data/prompts_cut": dm.prompts_cut,
+        }
+        metrics = update_metrics_json(os.path.join(stage_dir, "metrics.json"), extra)
+        return {"metrics.json": metrics, "history.json": module.history}
+
     callbacks = [
         MetricsJSONCallback(stage_dir),
-        HFExportCallback(export_dir, tokenizer, info={"stage": stage, "run_dir": stage_dir}),
+        HFExportCallback(
+            export_dir, tokenizer, info={"stage": stage, "run_dir": stage_dir}, extras=extras
+        ),
     ]
     if ctx.uses_embedded_world_data("prompts") and pcfg.get("track_gold", True):
         from lit_rlhf.eval.gold import GoldJudge
@@ -133,19 +160,8 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
     # its total (the module stops itself at n_rollouts either way).
     run_length = {"max_epochs": -1, "max_steps": -1, "limit_train_batches": pcfg["n_rollouts"]}
     trainer = ctx.make_trainer(stage_dir, {**pcfg, **run_length}, callbacks)
-    start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=pcfg.get("resume_from"))
     seconds = time.perf_counter() - start
-    if trainer.is_global_zero:
-        extra = {
-            f"{stage}/seconds": seconds,
-            f"{stage}/seconds_per_rollout": seconds / max(1, module.rollouts_done),
-            "data/prompts_cut": dm.prompts_cut,
-        }
-        metrics = update_metrics_json(os.path.join(stage_dir, "metrics.json"), extra)
-        update_metrics_json(os.path.join(export_dir, "metrics.json"), metrics)
-        with open(os.path.join(export_dir, "history.json"), "w") as fh:
-            json.dump(module.history, fh)
     log.info(
         "[%s] %d rollouts in %.1f s; export: %s", stage, module.rollouts_done, seconds, export_dir
     )
