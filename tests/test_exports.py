@@ -176,3 +176,25 @@ def test_reference_model_with_another_vocabulary_is_refused(tmp_path, tok, byte_
     check_same_vocabulary(tok, "policy", paths)
     with pytest.raises(ConfigError, match=r"the policy \('policy'.*and the reference model"):
         check_same_vocabulary(tok, "policy", {**paths, "reference model": str(tmp_path / "other")})
+
+
+def test_missing_truncated_or_misplaced_resume_from_is_one_line(tmp_path):
+    from lit_rlhf.stages.context import ConfigError, MissingInputError
+
+    ctx = _ctx(tmp_path, [])
+    ctx.cfg["ppo"] = {"resume_from": "last"}
+    with pytest.raises(MissingInputError, match="no checkpoint of this config was saved yet"):
+        ctx.resume_path("ppo", "ppo")
+    junk = tmp_path / "last.ckpt"
+    junk.write_bytes(b"PK\x03\x04 cut short")
+    ctx.cfg["sft"] = {"resume_from": str(junk)}
+    with pytest.raises(ConfigError, match="is not a PyTorch checkpoint"):
+        ctx.resume_path("sft", "sft")
+    ctx.cfg["sft"] = {"resume_from": str(tmp_path / "nope.ckpt")}
+    with pytest.raises(MissingInputError, match="no file at"):
+        ctx.resume_path("sft", "sft")
+    ctx.cfg["sft"] = {"resume_from": "last"}
+    with pytest.raises(ConfigError, match="`last` finds PPO's periodic checkpoints"):
+        ctx.resume_path("sft", "sft")
+    ctx.cfg["sft"] = {"resume_from": None}
+    assert ctx.resume_path("sft", "sft") is None

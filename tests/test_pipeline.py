@@ -183,3 +183,45 @@ def test_sft_beats_the_base_model_on_a_tiny_run(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # measured: base -0.02, SFT 0.14 (the default-size run: -0.01 vs 0.70)
     assert metrics["eval/sft/gold"] > metrics["eval/base/gold"] + 0.05, metrics
+
+
+@pytest.mark.slow
+def test_kill_mid_ppo_then_resume_last_matches_uninterrupted(pipeline, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    home = pipeline[0]
+    crashed = tmp_path / "crashed"  # the same upstream exports, a home of its own
+    for sub in ("exports", "data"):
+        shutil.copytree(home / sub, crashed / sub)
+    run = ("stage=ppo", "debug=fast", "ppo.n_rollouts=4", "ppo.checkpoint_every=2")
+    _check(train(tmp_path, *run, f"paths.exports_dir={tmp_path / 'whole'}",
+                 f"paths.data_dir={home / 'data'}"))  # fmt: skip
+    whole = next((tmp_path / "whole").glob("ppo-*"))
+
+    # kill -9 right after rollout 3: the checkpoint of rollout 2 survives, no export appears.
+    env_path = str(ROOT / "tests" / "helpers")
+    kill = ("+callbacks.kill._target_=crash.KillAtRollout", "+callbacks.kill.at=3")
+    os.environ["PYTHONPATH"] = os.pathsep.join([env_path, os.environ.get("PYTHONPATH", "")])
+    try:
+        proc = train(crashed, *run, *kill)
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    assert not (crashed / "exports" / whole.name).exists()
+    assert (crashed / "exports" / ".checkpoints" / whole.name / "last.ckpt").is_file()
+
+    _check(train(crashed, *run, "ppo.resume_from=last"))
+    resumed = crashed / "exports" / whole.name  # resuming keeps the config's folder
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    history = json.loads((resumed / "history.json").read_text())
+    assert len(history) == 4 == len(json.loads((whole / "history.json").read_text()))
+
+    # Resuming a finished run trains nothing more.
+    proc = train(crashed, *run, "ppo.resume_from=last")
+    _check(proc)
+    c = load_file(resumed / "model.safetensors")
+    assert max((a[k] - c[k]).abs().max().item() for k in a) == 0.0
+    assert len(json.loads((resumed / "history.json").read_text())) == 4

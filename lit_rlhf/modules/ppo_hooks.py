@@ -84,6 +84,7 @@ class PPOHooksMixin:
             "score_moments": self.score_moments.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "torch_rng": torch.get_rng_state(),
+            "history": list(self.history),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -97,6 +98,8 @@ class PPOHooksMixin:
             self.ema.load_state_dict(state["ema"])
         if state.get("torch_rng") is not None:
             self._rng_to_restore = state["torch_rng"]
+        # The report's curves must cover the whole run, not just the part after the resume.
+        self.history = list(state.get("history") or [])
 
     def on_train_start(self) -> None:
         # Restored here, after Lightning's own seeding/setup, so sampling continues exactly.
@@ -104,6 +107,9 @@ class PPOHooksMixin:
         if rng is not None:
             torch.set_rng_state(rng)
             self._rng_to_restore = None
+        if self.rollouts_done >= self.hparams.n_rollouts:
+            # Resumed from a finished run: nothing left to do (not one more rollout).
+            self.trainer.should_stop = True
 
     def export_model(self) -> nn.Module:
         """The policy to export: its EMA copy when EMA is on."""

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,7 +97,13 @@ TRAINER_RESULT_KEYS = {
     "deterministic": None,
 }
 #: Keys that never change a stage's result (where things go, how often to log).
-_NEUTRAL = {"export_dir", "log_every_n_steps", "progress", "enable_checkpointing"}
+_NEUTRAL = {
+    "export_dir",
+    "log_every_n_steps",
+    "progress",
+    "enable_checkpointing",
+    "checkpoint_every",
+}
 
 
 class MissingInputError(FileNotFoundError):
@@ -217,7 +224,13 @@ class StageContext:
             parts: dict[str, Any] = {"stage": stage, "seed": self.cfg.get("seed")}
             for key in STAGE_SETTINGS[stage]:
                 section = self.cfg.get(key) or {}
-                parts[key] = {k: v for k, v in section.items() if k not in _NEUTRAL}
+                parts[key] = {
+                    # A resumed run continues the same result, so it keeps the folder (and
+                    # finds its checkpoints); hashed as null to keep older folder names.
+                    k: None if k == "resume_from" else v
+                    for k, v in section.items()
+                    if k not in _NEUTRAL
+                }
             data = self.cfg["data"]
             parts["data"] = {k: data.get(k) for k in ("fields", *STAGE_DATA[stage])}
             # The world's fingerprint covers every field (defaults and generator version
@@ -269,6 +282,38 @@ class StageContext:
         if given:
             return str(given)
         return os.path.join(self.cfg["paths"]["exports_dir"], f"{stage}-{self.fingerprint(stage)}")
+
+    def checkpoint_dir(self, stage: str) -> str:
+        """Where ``stage`` keeps its periodic checkpoints: one folder per config fingerprint."""
+        name = f"{stage}-{self.fingerprint(stage)}"
+        return os.path.join(self.cfg["paths"]["exports_dir"], ".checkpoints", name)
+
+    def resume_path(self, stage: str, section: str) -> str | None:
+        """``<section>.resume_from`` as a checkpoint path; ``last`` is this config's newest.
+
+        Raises:
+            MissingInputError: The file does not exist (or ``last`` has none yet).
+            ConfigError: The file is not a PyTorch checkpoint (e.g. truncated).
+        """
+        given = (self.cfg.get(section) or {}).get("resume_from")
+        if not given:
+            return None
+        what = f"{section}.resume_from={given}"
+        if given == "last" and stage not in ("ppo", "ppo_ptx"):
+            raise ConfigError(
+                f"{what}: `last` finds PPO's periodic checkpoints; for {stage} pass the "
+                f"last.ckpt under its run's logs folder (logs/<run>/{stage}/.../checkpoints)"
+            )
+        path = os.path.join(self.checkpoint_dir(stage), "last.ckpt") if given == "last" else given
+        if not os.path.exists(path):
+            hint = "no checkpoint of this config was saved yet" if given == "last" else "no file"
+            raise MissingInputError(f"{what}: {hint} at {path}; start without resume_from")
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+            raise ConfigError(
+                f"{what}: {path} is not a PyTorch checkpoint (truncated or another format); "
+                "point it at a last.ckpt this kit saved"
+            )
+        return path
 
     def require(self, stage: str, given: str | None = None, what: str = "") -> str:
         """Path of an upstream export, building the embedded default's when it is missing.

@@ -50,7 +50,7 @@ def _fit(ctx: StageContext, stage: str, module, datamodule, tokenizer, export_di
         ),
     ]
     trainer = ctx.make_trainer(stage_dir, scfg, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=scfg.get("resume_from"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.resume_path(stage, stage))
     log.info("[%s] done in %.1f s; export: %s", stage, time.perf_counter() - start, export_dir)
     return export_dir
 

@@ -9,6 +9,7 @@ import time
 from lit_rlhf.callbacks.gold_tracking import GoldTrackingCallback
 from lit_rlhf.callbacks.hf_export import HFExportCallback
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
+from lit_rlhf.callbacks.rollout_checkpoint import RolloutCheckpoint
 from lit_rlhf.data.ppo_datamodule import PPODataModule
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.ppo import PPOModule
@@ -80,6 +81,7 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
     ptx_on = stage == "ppo_ptx"
     # 0. Validate the config before loading anything.
     check_stage_config(ctx.cfg, stage)
+    resume = ctx.resume_path(stage, "ppo")
     ptx = pcfg["ptx"]
     if ptx_on and (ptx["ratio"] <= 0 or ptx["coef"] <= 0):
         raise ConfigError("PPO-ptx needs ppo.ptx.ratio > 0 and ppo.ptx.coef > 0")
@@ -146,7 +148,9 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
         metrics = update_metrics_json(os.path.join(stage_dir, "metrics.json"), extra)
         return {"metrics.json": metrics, "history.json": module.history}
 
+    checkpoints = RolloutCheckpoint(ctx.checkpoint_dir(stage), pcfg.get("checkpoint_every", 0))
     callbacks = [
+        checkpoints,
         MetricsJSONCallback(stage_dir),
         HFExportCallback(
             export_dir, tokenizer, info={"stage": stage, "run_dir": stage_dir}, extras=extras
@@ -160,7 +164,7 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
     # its total (the module stops itself at n_rollouts either way).
     run_length = {"max_epochs": -1, "max_steps": -1, "limit_train_batches": pcfg["n_rollouts"]}
     trainer = ctx.make_trainer(stage_dir, {**pcfg, **run_length}, callbacks)
-    trainer.fit(module, datamodule=dm, ckpt_path=pcfg.get("resume_from"))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
     seconds = time.perf_counter() - start
     log.info(
         "[%s] %d rollouts in %.1f s; export: %s", stage, module.rollouts_done, seconds, export_dir

@@ -106,7 +106,7 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
 
     stage_dir = ctx.stage_dir(stage)
     trainer = ctx.make_trainer(stage_dir, rcfg, [MetricsJSONCallback(stage_dir)])
-    trainer.fit(module, datamodule=dm, ckpt_path=rcfg.get("resume_from"))
+    trainer.fit(module, datamodule=dm, ckpt_path=ctx.resume_path("rm", "rm"))
     raise_if_nonfinite(trainer, module, stage, ctx.export_dir("rm"))
 
     # InstructGPT: shift the RM so labeler demonstrations score mean 0. Every rank takes part
