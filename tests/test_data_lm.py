@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from lit_rlhf.data import lm_tokenize
 from lit_rlhf.data.lm_datamodule import (
     DemonstrationsDataModule,
     PretrainDataModule,
@@ -21,6 +22,7 @@ from lit_rlhf.data.lm_tokenize import (
     LMCollator,
     encode_demonstrations,
     encode_texts,
+    tokenize_capped,
 )
 from lit_rlhf.data.records import DataFormatError, read_records, write_jsonl
 
@@ -289,6 +291,64 @@ def test_encode_demonstrations_overlong_response(byte_tok):
     assert exs[0]["loss_mask"] == [1] * 6
     assert (stats.responses_cut, stats.response_tokens_cut) == (1, 5)  # 10 + EOS - 6
     assert (stats.prompts_cut, stats.prompt_tokens_cut) == (1, 6)
+
+
+class _LongestInput:
+    """Wraps a tokenizer and records the longest string it was asked to tokenize."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+        self.eos_token_id = tok.eos_token_id
+
+    def __call__(self, texts, **kw):
+        texts_ = [texts] if isinstance(texts, str) else texts
+        self.longest = max([self.longest, *map(len, texts_)])
+        return self.tok(texts, **kw)
+
+
+def _uncapped(tok, prompt, comp, max_length):
+    # The token-level policy on the whole strings, written out: keep the response's first
+    # max_length tokens (with EOS), then the prompt's last tokens that still fit.
+    c = (_ids(tok, comp) + [tok.eos_token_id])[:max_length]
+    room = max_length - len(c)
+    p = _ids(tok, prompt)[-room:] if room else []
+    return p + c
+
+
+def test_overlong_record_is_cut_by_characters_before_tokenization(tok):
+    words = " ".join(f"word{i % 97}" for i in range(40_000))  # ~300k characters
+    prompts, comps = [words + " Review:", "short prompt"], [" fine", words]
+    spy = _LongestInput(tok)
+    exs, stats = encode_demonstrations(spy, prompts, comps, max_length=32)
+    # The tokenizer never saw the 300k-character strings, only their cut ends.
+    assert spy.longest <= 32 * lm_tokenize.CHARS_PER_TOKEN
+    assert stats.chars_cut == 2
+    for ex, p, c in zip(exs, prompts, comps):
+        assert ex["input_ids"] == _uncapped(tok, p, c, 32)
+    assert stats.prompts_cut == 2 and stats.responses_cut == 1
+
+
+def test_cut_text_that_tokenizes_short_is_redone_whole(byte_tok, monkeypatch):
+    # One character per token of budget: the cut text gives too few tokens to be sure, so the
+    # whole text is tokenized; the result is what token-level truncation alone gives.
+    monkeypatch.setattr(lm_tokenize, "CHARS_PER_TOKEN", 1)
+    text = "abcdefghijklmnopqrstuvwxyz" * 3
+    (start,), n_cut = tokenize_capped(byte_tok, [text], 8, keep="start")
+    (end,), _ = tokenize_capped(byte_tok, [text], 8, keep="end")
+    assert n_cut == 1 and start == end == _ids(byte_tok, text)
+    with pytest.raises(ValueError, match="keep"):
+        tokenize_capped(byte_tok, [text], 8, keep="middle")
+
+
+def test_huge_pretraining_text_is_tokenized_in_pieces_and_kept_whole(byte_tok, monkeypatch):
+    monkeypatch.setattr(lm_tokenize, "TEXT_PIECE_CHARS", 50)
+    text = " ".join(f"token{i}" for i in range(60))  # ~430 characters, 9+ pieces
+    spy = _LongestInput(byte_tok)
+    exs, stats = encode_texts(spy, [text, "xy"], max_length=16)
+    assert spy.longest <= 50 and stats.texts_split == 1
+    flat = [t for ex in exs for t in ex["input_ids"]]
+    eos = [byte_tok.eos_token_id]
+    assert flat == _ids(byte_tok, text) + eos + _ids(byte_tok, "xy") + eos
 
 
 def test_encode_texts_chunks_without_dropping(byte_tok):

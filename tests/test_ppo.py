@@ -208,6 +208,23 @@ def test_bad_settings_raise_before_training(tok):
         PPODataModule("prompts.jsonl", None, ptx_ratio=1.0)
 
 
+class _NoParameters(torch.nn.Module):
+    """A "reward model" with nothing to train or to read a device from."""
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        return torch.zeros(input_ids.shape[0], 1)
+
+
+def test_model_without_parameters_is_one_line_at_construction(tok):
+    policy = build_tiny_causal_lm("gpt2", tokenizer=tok, seed=0, **SMALL)
+    ref = build_tiny_causal_lm("gpt2", tokenizer=tok, seed=0, **SMALL)
+    value = _classifier(tok, "gpt2", 1)
+    with pytest.raises(ValueError, match=r"^the reward model \(_NoParameters\) has no parameters"):
+        PPOModule(policy, value, ref, _NoParameters(), tok.eos_token_id, tok.pad_token_id)
+    with pytest.raises(ValueError, match=r"^the value model \(_NoParameters\) has no parameters"):
+        PPOModule(policy, _NoParameters(), ref, value, tok.eos_token_id, tok.pad_token_id)
+
+
 @pytest.mark.parametrize(
     ("batch", "minibatches", "micro", "expected"),
     [(16, 2, None, (8, 8)), (16, 2, 4, (8, 4)), (16, 2, 8, (8, 8)), (16, 2, 32, (8, 8))],

@@ -281,10 +281,12 @@ class ComparisonsDataModule(L.LightningDataModule):
         if self.truncation.prompts_cut or self.truncation.responses_cut:
             log.warning(
                 "comparisons truncated to max_length=%d: %d prompts cut on the left, "
-                "%d responses cut on the right",
+                "%d responses cut on the right (%d over-long ones cut by characters before "
+                "tokenization)",
                 self.max_length,
                 self.truncation.prompts_cut,
                 self.truncation.responses_cut,
+                self.truncation.chars_cut,
             )
 
     @property

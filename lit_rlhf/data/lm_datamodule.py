@@ -140,13 +140,17 @@ class LMDataModule(L.LightningDataModule):
         if t.prompts_cut or t.responses_cut or t.chunks:
             log.warning(
                 "truncation (max_length=%d): %d prompts cut on the left (%d tokens), %d responses "
-                "cut on the right (%d tokens), %d extra chunks from long texts",
+                "cut on the right (%d tokens), %d extra chunks from long texts; %d over-long "
+                "prompts/responses were cut by characters before tokenization (their token "
+                "counts cover only what was tokenized), %d long texts tokenized in pieces",
                 self.max_length,
                 t.prompts_cut,
                 t.prompt_tokens_cut,
                 t.responses_cut,
                 t.response_tokens_cut,
                 t.chunks,
+                t.chars_cut,
+                t.texts_split,
             )
 
     def _collator(self) -> LMCollator:

@@ -30,10 +30,65 @@ class TruncationStats:
     """Response tokens removed in total."""
     chunks: int = 0
     """Pretraining texts longer than ``max_length`` are split into this many extra chunks."""
+    chars_cut: int = 0
+    """Prompts/responses cut by characters before tokenization (see :func:`tokenize_capped`)."""
+    texts_split: int = 0
+    """Pretraining texts tokenized in pieces of :data:`TEXT_PIECE_CHARS` characters."""
 
     def as_metrics(self, prefix: str = "data/") -> dict[str, float]:
         """Flat ``{"data/prompts_cut": n, ...}`` for metrics.json."""
         return {f"{prefix}{k}": float(v) for k, v in vars(self).items()}
+
+
+#: An over-long prompt or response is cut to ``max_tokens * CHARS_PER_TOKEN`` characters before
+#: tokenization: a 48 MB record would otherwise cost gigabytes and minutes to tokenize only to
+#: be cut to ``max_length`` tokens. Real tokens are far shorter, so the tokens kept are the
+#: ones token-level truncation keeps; a cut text that then tokenizes short is redone whole.
+CHARS_PER_TOKEN = 64
+#: Pretraining texts are chunked, never cut; longer ones are tokenized in pieces of this size.
+TEXT_PIECE_CHARS = 1 << 20
+
+
+def tokenize_capped(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int, keep: str = "start"
+) -> tuple[list[list[int]], int]:
+    """Token ids of ``texts`` (no special tokens), over-long texts cut by characters first.
+
+    Args:
+        tokenizer: Any HF tokenizer.
+        texts: ``n`` strings.
+        max_tokens: The most tokens the caller keeps of each text.
+        keep: ``"start"`` (responses: the end is cut) or ``"end"`` (prompts: the start is).
+
+    Returns:
+        ``(ids, n_cut)``: ``n`` id lists, each beginning (``keep="start"``) or ending with at
+        least the ``max_tokens`` ids the whole text would give, and how many texts were cut.
+    """
+    if keep not in ("start", "end"):
+        raise ValueError(f"keep must be 'start' or 'end', got {keep!r}")
+    limit = max(1, max_tokens) * CHARS_PER_TOKEN
+    cut = [i for i, t in enumerate(texts) if len(t) > limit]
+    short = list(texts)
+    for i in cut:
+        short[i] = texts[i][:limit] if keep == "start" else texts[i][-limit:]
+    ids = tokenizer(short, add_special_tokens=False)["input_ids"] if short else []
+    for i in cut:
+        # Tokens next to the cut may differ from the whole text's; demand a wide margin.
+        if len(ids[i]) <= max_tokens + 16:
+            ids[i] = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+    return [list(x) for x in ids], len(cut)
+
+
+def _text_pieces(text: str, size: int) -> list[str]:
+    # Split before a space where one is near, so that no word is broken in two.
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = text.rfind(" ", start + size // 2, start + size)
+        end = end if end > start else start + size
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
 def encode_demonstrations(
@@ -60,8 +115,9 @@ def encode_demonstrations(
         ``(examples, stats)``.
     """
     stats = TruncationStats()
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    p_ids, p_cut = tokenize_capped(tokenizer, prompts, max_length, keep="end")
+    c_ids, c_cut = tokenize_capped(tokenizer, completions, max_length, keep="start")
+    stats.chars_cut = p_cut + c_cut
     eos = [tokenizer.eos_token_id] if append_eos else []
     out = []
     for p, c in zip(p_ids, c_ids):
@@ -85,13 +141,24 @@ def encode_texts(
 ) -> tuple[list[dict], TruncationStats]:
     """Tokenize pretraining texts with the loss on every token.
 
-    A text longer than ``max_length`` is split into consecutive chunks (never dropped).
+    A text longer than ``max_length`` is split into consecutive chunks (never dropped). A text
+    longer than :data:`TEXT_PIECE_CHARS` characters is tokenized piece by piece (split before a
+    space), which bounds the tokenizer's memory; its ids are joined before chunking.
     """
     stats = TruncationStats()
     eos = [tokenizer.eos_token_id] if append_eos else []
     out = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids = list(ids) + eos
+    normal = [t for t in texts if len(t) <= TEXT_PIECE_CHARS]
+    normal_ids = iter(tokenizer(normal, add_special_tokens=False)["input_ids"] if normal else [])
+    for text in texts:
+        if len(text) <= TEXT_PIECE_CHARS:
+            ids = list(next(normal_ids)) + eos
+        else:
+            stats.texts_split += 1
+            ids = []
+            for piece in _text_pieces(text, TEXT_PIECE_CHARS):
+                ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            ids += eos
         stats.examples += 1
         for start in range(0, len(ids), max_length):
             piece = ids[start : start + max_length]

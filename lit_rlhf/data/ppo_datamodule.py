@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.lm_tokenize import LMCollator, encode_texts
+from lit_rlhf.data.lm_tokenize import LMCollator, encode_texts, tokenize_capped
 from lit_rlhf.data.records import DataFormatError, read_records
 
 
@@ -69,7 +69,7 @@ class PPODataModule(L.LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.prompts: list[list[int]] = []
         self.ptx_examples: list[dict] = []
-        self.prompts_cut = 0
+        self.prompts_cut = self.prompts_chars_cut = 0
         self.rank, self.world_size = 0, 1
         self._orders: dict[tuple[int, int, int], list[int]] = {}
 
@@ -86,7 +86,9 @@ class PPODataModule(L.LightningDataModule):
         if self.prompts:
             return
         records = read_records(self.prompts_source, "prompts", self.fields, self.limit)
-        ids = self.tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+        ids, self.prompts_chars_cut = tokenize_capped(
+            self.tokenizer, [r["prompt"] for r in records], self.max_prompt_length, keep="end"
+        )
         self.prompts_cut = sum(len(p) > self.max_prompt_length for p in ids)
         self.prompts = [list(p[-self.max_prompt_length :]) for p in ids]
         if len(self.prompts) < self.batch_size * self.world_size:

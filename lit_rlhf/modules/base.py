@@ -19,9 +19,20 @@ OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 ModelOrFactory = nn.Module | Callable[[], nn.Module]
 
 
-def materialize(model: ModelOrFactory) -> nn.Module:
-    """Return ``model`` itself, or call it when it is a factory."""
-    return model if isinstance(model, nn.Module) else model()
+def materialize(model: ModelOrFactory, role: str = "model") -> nn.Module:
+    """Return ``model`` itself, or call it when it is a factory.
+
+    Raises:
+        ValueError: The model has no parameters. Devices are read from parameters, and
+            without any the packing probe's ``StopIteration`` would end every epoch silently.
+    """
+    model = model if isinstance(model, nn.Module) else model()
+    if next(iter(model.parameters()), None) is None:
+        raise ValueError(
+            f"the {role} ({type(model).__name__}) has no parameters; pass a model with at "
+            "least one (a rule-based reward is a reward function, not a reward model)"
+        )
+    return model
 
 
 def build_optimizer(

@@ -183,10 +183,10 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # frozen models are not in checkpoints
         # float32 log-probs under bf16 autocast (a no-op in fp32 runs).
-        self.policy = fp32_output_head(materialize(policy))
-        self.value_model = materialize(value_model)
-        self.ref_model = freeze(fp32_output_head(materialize(ref_model)))
-        self.reward_model = freeze(materialize(reward_model))
+        self.policy = fp32_output_head(materialize(policy, "policy"))
+        self.value_model = materialize(value_model, "value model")
+        self.ref_model = freeze(fp32_output_head(materialize(ref_model, "reference model")))
+        self.reward_model = freeze(materialize(reward_model, "reward model"))
         self.optimizer_factory = optimizer
         self.kl_ctl = (
             AdaptiveKLController(kl_coef, kl_target, kl_horizon)

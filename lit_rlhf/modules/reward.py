@@ -84,7 +84,7 @@ class RewardModule(ShardedModelsMixin, L.LightningModule):
         # Plain Python only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["model", "optimizer"])
         self.hparams["betas"] = [float(b) for b in betas]
-        self.model = materialize(model)
+        self.model = materialize(model, "reward model")
         self.optimizer_factory = optimizer
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()

@@ -55,7 +55,7 @@ class SFTModule(ShardedModelsMixin, L.LightningModule):
         # Plain Python only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["model", "optimizer"])
         self.hparams["betas"] = [float(b) for b in betas]
-        self.model = materialize(model)
+        self.model = materialize(model, "policy")
         self.optimizer_factory = optimizer
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=-100)

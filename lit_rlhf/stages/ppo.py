@@ -144,6 +144,7 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
             f"{stage}/seconds_per_rollout": (time.perf_counter() - start)
             / max(1, module.rollouts_done),
             "data/prompts_cut": dm.prompts_cut,
+            "data/prompts_chars_cut": dm.prompts_chars_cut,
         }
         metrics = update_metrics_json(os.path.join(stage_dir, "metrics.json"), extra)
         return {"metrics.json": metrics, "history.json": module.history}
