@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from lit_rlhf.models.heads import (
     apply_score_head,
@@ -77,6 +77,32 @@ class Rollout:
         )
 
 
+class NonFiniteSamplingError(RuntimeError):
+    """A model's next-token logits are NaN or inf, so nothing can be sampled from it."""
+
+
+class _FiniteFirstStep(LogitsProcessor):
+    """Checks the first generated step's logits (one host sync per call of ``generate``).
+
+    Overflowed weights make every step non-finite, and the first one is enough to say so in
+    one line; ``torch.multinomial`` would raise a bare RuntimeError (a device assert on CUDA).
+    """
+
+    def __init__(self) -> None:
+        self.checked = False
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if not self.checked:
+            self.checked = True
+            if not bool(torch.isfinite(scores).all()):
+                raise NonFiniteSamplingError(
+                    "the model's next-token logits are NaN or inf, so no response can be "
+                    "sampled (its weights or activations overflowed); if it is being trained, "
+                    "lower its learning rate or add warmup"
+                )
+        return scores
+
+
 @torch.no_grad()
 def generate(
     policy: PreTrainedModel,
@@ -119,6 +145,7 @@ def generate(
         synced_gpus=synced_gpus,
         return_dict_in_generate=True,
         output_logits=True,
+        logits_processor=LogitsProcessorList([_FiniteFirstStep()]),
     )
     response = out.sequences[:, query_ids.shape[1] :]
     response, mask, has_eos = truncate_after_eos(response, eos_token_id, pad_token_id)

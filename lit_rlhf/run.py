@@ -235,10 +235,12 @@ def main(cfg: DictConfig) -> float | None:
         The value of ``cfg.optimized_metric`` when it is set (what Hydra's Optuna sweeper
         optimizes), read from the run's ``metrics.json``; None otherwise.
     """
+    from lit_rlhf.callbacks.finite_guard import TrainingGuardError
     from lit_rlhf.callbacks.hf_export import ExportError, NonFiniteModelError
     from lit_rlhf.data.records import DataFormatError
     from lit_rlhf.models.loading import ModelLoadError
     from lit_rlhf.models.packing import PackedAttentionError
+    from lit_rlhf.rollout import NonFiniteSamplingError
     from lit_rlhf.stages.context import ConfigError, MissingInputError
 
     errors = (
@@ -248,6 +250,8 @@ def main(cfg: DictConfig) -> float | None:
         ConfigError,
         PackedAttentionError,
         NonFiniteModelError,
+        TrainingGuardError,
+        NonFiniteSamplingError,
         ExportError,
     )
     try:

@@ -163,6 +163,22 @@ def test_precision_is_part_of_trained_stages_fingerprints(compose_cfg, tmp_path)
     assert prints() == fp32
 
 
+def test_guard_skip_mode_is_in_the_fingerprint_and_the_defaults_are_not(compose_cfg, tmp_path):
+    def prints(*overrides):
+        cfg = compose_cfg(*overrides)
+        with open_dict(cfg):
+            cfg.pop("hydra")
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+        ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
+        return {s: ctx.fingerprint(s) for s in ("pretrain", "sft", "rm", "ppo")}
+
+    default = prints()
+    # Stop (the default) or warn leaves the weights of a finished run as they are.
+    assert prints("guard.on_divergence=warn", "guard.divergence_window=5") == default
+    skip = prints("guard.nonfinite=skip")  # skipped steps train other weights
+    assert all(skip[s] != default[s] for s in default)
+
+
 def test_trainer_settings_that_change_results_are_in_the_fingerprint(compose_cfg, tmp_path):
     def prints(*overrides):
         cfg = compose_cfg(*overrides)
@@ -375,6 +391,9 @@ def test_zero_length_runs_are_refused_before_anything_is_built(
         ("sft", "seed=abc", "seed='abc': the seed must be an integer"),
         ("ppo", "ppo.kl_coef=-0.1", "ppo.kl_coef=-0.1: use a finite number >= 0"),
         ("sft", "precision=16-mixed", "precision=16-mixed needs a CUDA GPU"),
+        ("rm", "guard.nonfinite=ignore", "guard.nonfinite='ignore': use stop or skip"),
+        ("ppo", "guard.divergence_factor=0.5", "guard.divergence_factor=0.5: use a finite"),
+        ("sft", "guard.on_divergence=quiet", "guard.on_divergence='quiet': use error or warn"),
     ],
 )
 def test_impossible_settings_are_one_line_before_anything_is_built(
@@ -405,7 +424,7 @@ def test_default_settings_pass_every_stage_check(compose_cfg, extra):
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
-def test_cli_diverged_model_is_one_clear_line_and_not_exported(tmp_path, tok, tiny_gpt2, stage):
+def test_nan_loss_stops_stage_and_exports_nothing(tmp_path, tok, tiny_gpt2, stage):
     base = tmp_path / "base"
     tiny_gpt2(num_layers=1).save_pretrained(base)
     tok.save_pretrained(base)
@@ -424,6 +443,8 @@ def test_cli_diverged_model_is_one_clear_line_and_not_exported(tmp_path, tok, ti
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "NaN or inf" in errors[0], proc.stderr[-3000:]
+    # Stopped by the training-loop guard at the first non-finite loss, naming stage and step.
+    assert len(errors) == 1 and f"[{stage}]" in errors[0], proc.stderr[-3000:]
+    assert re.search(r"loss is nan at optimizer step \d+", errors[0]), errors[0]
     exports = tmp_path / "exports"
     assert not list(exports.glob(f"{stage}-*")), list(exports.iterdir())

@@ -199,6 +199,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         self.last_rollout: Rollout | None = None
         #: One dict of (this rank's) metrics per rollout, for plots and reports.
         self.history: list[dict[str, float]] = []
+        self.loss_parts: dict[str, torch.Tensor] = {}  # the terms of the loss being optimized
 
     # ---------------------------------------------------------------- the PPO step
     def training_step(self, batch, batch_idx: int) -> None:
@@ -336,12 +337,15 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
                             values, sub.values, returns[idx], sub.response_mask, hp.value_clip_range
                         )
                         loss = pg_loss + hp.vf_coef * vf_loss
+                        # Named terms, so a non-finite loss is reported by its term (FiniteGuard).
+                        self.loss_parts = {"policy loss": pg_loss, "value loss": vf_loss}
                         if ptx is not None:
                             rows = ptx_chunks[m * n_micro + u]
                             ptx_loss = self._ptx_loss(
                                 {k: None if v is None else v[rows] for k, v in ptx.items()}
                             )
                             loss = loss + hp.ptx_coef * ptx_loss
+                            self.loss_parts["ptx loss"] = ptx_loss
                             sums["ptx/loss"] += ptx_loss.item()
                         self.manual_backward(loss / n_micro)
                     if epoch == 0 and m == 0 and u == 0:

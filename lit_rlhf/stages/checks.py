@@ -56,6 +56,13 @@ RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "kl_coef": (_non_negative, "a finite number >= 0 (beta of the KL penalty)"),
         "value_clip_range": (_optional(_positive), "null or a finite number > 0"),
     },
+    "guard": {
+        "nonfinite": (_one_of(("stop", "skip")), "stop or skip"),
+        "max_skipped_steps": (_int_at_least(0), "an integer >= 0"),
+        "divergence_factor": (lambda v: _positive(v) and v > 1, "a finite number > 1"),
+        "divergence_window": _COUNT,
+        "on_divergence": (_one_of(("error", "warn")), "error or warn"),
+    },
     "label": {
         "k_min": (_int_at_least(2), "an integer >= 2 (a ranking needs two responses)"),
         "k_max": (_int_at_least(2), "an integer >= label.k_min"),
@@ -67,12 +74,12 @@ RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
 
 #: Stage -> the config sections it trains or samples with.
 SECTIONS = {
-    "pretrain": ("pretrain",),
-    "sft": ("sft",),
+    "pretrain": ("pretrain", "guard"),
+    "sft": ("sft", "guard"),
     "label": ("label",),
-    "rm": ("rm",),
-    "ppo": ("ppo",),
-    "ppo_ptx": ("ppo",),
+    "rm": ("rm", "guard"),
+    "ppo": ("ppo", "guard"),
+    "ppo_ptx": ("ppo", "guard"),
 }
 
 

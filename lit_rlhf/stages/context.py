@@ -206,6 +206,14 @@ class StageContext:
         """True when the recipe starts from the tiny model trained on the embedded corpus."""
         return not self.cfg["model"].get("name_or_path")
 
+    def guard(self, stage: str):
+        """The training-loop guard of a trained ``stage``, from the ``guard`` section."""
+        from lit_rlhf.callbacks.finite_guard import FiniteGuard
+
+        section = RUN_LENGTH[stage][0]
+        lr = f"{section}.policy_lr" if section == "ppo" else f"{section}.lr"
+        return FiniteGuard(stage, lr, **(self.cfg.get("guard") or {}))
+
     # -- stage graph --------------------------------------------------------------------
     def stage_dir(self, stage: str) -> str:
         """Where a stage writes logs/metrics in this run.
@@ -257,6 +265,11 @@ class StageContext:
                 }
                 if changed:
                     parts["trainer"] = changed
+                # Skipping non-finite steps trains other weights than stopping would; the
+                # default (stop) adds nothing, so the default's folders keep their names.
+                guard = self.cfg.get("guard") or {}
+                if guard.get("nonfinite", "stop") != "stop":
+                    parts["guard"] = {k: guard.get(k) for k in ("nonfinite", "max_skipped_steps")}
             parts["upstream"] = [self.fingerprint(u) for u in UPSTREAM[stage] if self._in_graph(u)]
             blob = json.dumps(parts, sort_keys=True, default=str).encode()
             self._fingerprints[stage] = hashlib.sha256(blob).hexdigest()[:10]

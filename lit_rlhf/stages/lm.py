@@ -44,6 +44,7 @@ def _fit(ctx: StageContext, stage: str, module, datamodule, tokenizer, export_di
         return {"metrics.json": update_metrics_json(os.path.join(stage_dir, "metrics.json"), extra)}
 
     callbacks = [
+        ctx.guard(stage),
         MetricsJSONCallback(stage_dir),
         HFExportCallback(
             export_dir, tokenizer, info={"stage": stage, "run_dir": stage_dir}, extras=extras

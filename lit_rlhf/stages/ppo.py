@@ -6,6 +6,7 @@ import logging
 import os
 import time
 
+from lit_rlhf.callbacks.finite_guard import TrainingGuardError
 from lit_rlhf.callbacks.gold_tracking import GoldTrackingCallback
 from lit_rlhf.callbacks.hf_export import HFExportCallback
 from lit_rlhf.callbacks.metrics_json import MetricsJSONCallback, update_metrics_json
@@ -13,6 +14,7 @@ from lit_rlhf.callbacks.rollout_checkpoint import RolloutCheckpoint
 from lit_rlhf.data.ppo_datamodule import PPODataModule
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.ppo import PPOModule
+from lit_rlhf.rollout import NonFiniteSamplingError
 from lit_rlhf.stages.checks import check_stage_config
 from lit_rlhf.stages.context import ConfigError, StageContext
 
@@ -152,6 +154,7 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
     checkpoints = RolloutCheckpoint(ctx.checkpoint_dir(stage), pcfg.get("checkpoint_every", 0))
     callbacks = [
         checkpoints,
+        ctx.guard(stage),
         MetricsJSONCallback(stage_dir),
         HFExportCallback(
             export_dir, tokenizer, info={"stage": stage, "run_dir": stage_dir}, extras=extras
@@ -165,7 +168,13 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
     # its total (the module stops itself at n_rollouts either way).
     run_length = {"max_epochs": -1, "max_steps": -1, "limit_train_batches": pcfg["n_rollouts"]}
     trainer = ctx.make_trainer(stage_dir, {**pcfg, **run_length}, callbacks)
-    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    except NonFiniteSamplingError as err:  # the policy overflowed: say where, in one line
+        raise TrainingGuardError(
+            f"[{stage}] rollout {module.rollouts_done + 1}: {err} (ppo.policy_lr="
+            f"{pcfg['policy_lr']:g}); nothing was exported"
+        ) from None
     seconds = time.perf_counter() - start
     log.info(
         "[%s] %d rollouts in %.1f s; export: %s", stage, module.rollouts_done, seconds, export_dir

@@ -105,7 +105,7 @@ def run_rm(ctx: StageContext, stage: str = "rm") -> str:
     module = RewardModule(model, **{k: rcfg[k] for k in _MODULE_KEYS if k in rcfg})
 
     stage_dir = ctx.stage_dir(stage)
-    trainer = ctx.make_trainer(stage_dir, rcfg, [MetricsJSONCallback(stage_dir)])
+    trainer = ctx.make_trainer(stage_dir, rcfg, [ctx.guard(stage), MetricsJSONCallback(stage_dir)])
     trainer.fit(module, datamodule=dm, ckpt_path=ctx.resume_path("rm", "rm"))
     raise_if_nonfinite(trainer, module, stage, ctx.export_dir("rm"))
 
