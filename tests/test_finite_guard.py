@@ -156,3 +156,30 @@ def test_overflowed_policy_is_one_line_before_sampling(tiny_gpt2, tok):
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(NonFiniteSamplingError, match="logits are NaN or inf"):
         generate(model, ids, torch.ones_like(ids), 4, 1.0, tok.eos_token_id, tok.pad_token_id)
+
+
+def test_skipped_steps_and_divergence_open_the_report(tmp_path):
+    import json
+
+    from lit_rlhf.eval.report import training_warnings, write_report
+
+    for name, record in {
+        "sft": {"guard/skipped_steps": 3.0},
+        "rm": {"guard/skipped_steps": 0.0, "guard/diverged": 1.0},
+        "ppo": {"guard/skipped_steps": 0.0},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(record))
+    exports = {n: str(tmp_path / n) for n in ("sft", "rm", "ppo", "missing")}
+    lines = training_warnings(exports)
+    assert lines == [
+        "SFT: 3 optimizer steps skipped (NaN/inf)",
+        "RM: the training loss diverged; exported only because guard.on_divergence=warn",
+    ]
+    metrics = {"eval/sft/gold": 0.5, "eval/sft/gold_lo": 0.4, "eval/sft/gold_hi": 0.6}
+    metrics["eval/sft/kl_to_sft"] = 0.0
+    report = write_report(str(tmp_path / "out"), metrics, {}, exports, exports["rm"], lines)
+    text = open(report).read()
+    assert "## Warnings" in text and "- ⚠ SFT: 3 optimizer steps skipped" in text
+    healthy = write_report(str(tmp_path / "ok"), metrics, {}, exports, exports["rm"], [])
+    assert "Warnings" not in open(healthy).read()

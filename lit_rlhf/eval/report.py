@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import matplotlib
@@ -143,8 +144,47 @@ def plot_gold_vs_kl(
     return path
 
 
-def write_report(out_dir: str, metrics: dict, histories: dict, paths: dict, rm_path: str) -> str:
-    """Write ``report.md`` and its plots into ``out_dir``; returns the report path."""
+def training_warnings(exports: dict[str, str]) -> list[str]:
+    """What the training-loop guard recorded in each export's ``metrics.json``, one line each.
+
+    Args:
+        exports: Name (``sft``, ``rm``, ...) -> export folder.
+
+    Returns:
+        Lines for exports that skipped non-finite steps or diverged (exported under
+        ``guard.on_divergence=warn``); empty when every run was healthy.
+    """
+    lines = []
+    for name, path in exports.items():
+        try:
+            with open(os.path.join(path, "metrics.json")) as fh:
+                m = json.load(fh)
+        except (OSError, ValueError):
+            continue  # a user's folder from elsewhere has no guard record
+        label = {**NAMES, "rm": "RM"}.get(name, name)
+        skipped = int(m.get("guard/skipped_steps") or 0)
+        if skipped:
+            lines.append(f"{label}: {skipped} optimizer steps skipped (NaN/inf)")
+        if m.get("guard/diverged"):
+            lines.append(
+                f"{label}: the training loss diverged; exported only because "
+                "guard.on_divergence=warn"
+            )
+    return lines
+
+
+def write_report(
+    out_dir: str,
+    metrics: dict,
+    histories: dict,
+    paths: dict,
+    rm_path: str,
+    warnings: list[str] | None = None,
+) -> str:
+    """Write ``report.md`` and its plots into ``out_dir``; returns the report path.
+
+    ``warnings`` (from :func:`training_warnings`) open the report when there are any.
+    """
     os.makedirs(out_dir, exist_ok=True)
     plot_training(histories, os.path.join(out_dir, "training_curves.png"))
     points = [
@@ -164,6 +204,10 @@ def write_report(out_dir: str, metrics: dict, histories: dict, paths: dict, rm_p
         "Policies sampled once per held-out prompt and judged by the gold function "
         "(which the reward model never saw).",
         "",
+    ]
+    if warnings:
+        lines += ["## Warnings", "", *[f"- ⚠ {w}" for w in warnings], ""]
+    lines += [
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
     ]

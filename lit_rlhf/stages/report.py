@@ -14,7 +14,7 @@ from lit_rlhf.data.comparisons import read_comparisons_with_gold
 from lit_rlhf.data.records import read_records
 from lit_rlhf.eval.gold import GoldJudge
 from lit_rlhf.eval.policy_eval import lm_loss_on_texts, sample_with_kl
-from lit_rlhf.eval.report import print_table, write_report
+from lit_rlhf.eval.report import print_table, training_warnings, write_report
 from lit_rlhf.eval.splits import heldout_labeler_agreement, policy_split_metrics, read_split_flags
 from lit_rlhf.eval.stats import mean_ci, win_rate
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
@@ -182,7 +182,10 @@ def run_eval(ctx: StageContext, stage: str = "eval") -> str:
         hist = os.path.join(paths.get(name, ""), "history.json")
         if name in paths and os.path.isfile(hist):
             histories[name] = json.load(open(hist))
-    write_report(out_dir, metrics, histories, paths, rm_path)
+    warnings = training_warnings({**paths, "rm": rm_path})
+    for line in warnings:
+        log.warning("[eval] %s", line)
+    write_report(out_dir, metrics, histories, paths, rm_path, warnings)
     print_table(metrics)
     log.info("[eval] report: %s", os.path.join(out_dir, "report.md"))
     return out_dir
