@@ -14,8 +14,8 @@ from transformers import ByT5Tokenizer
 from lit_rlhf.models.packing import PackedAttentionError
 from lit_rlhf.models.tiny import build_tiny_causal_lm
 from lit_rlhf.ops.masking import truncate_after_eos
-from lit_rlhf.packed_rollout import PackedRollout
 from lit_rlhf.rollout import Rollout, response_logprobs, response_values, score
+from lit_rlhf.rollout.packed import PackedRollout
 
 
 @pytest.fixture

@@ -287,6 +287,25 @@ def packed_slots(bins: list[list[int]], lengths: list[int]) -> int:
     return len(bins) * max(sum(lengths[i] for i in b) for b in bins)
 
 
+def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as a left-padded batch, the layout generation and rollouts use.
+
+    Args:
+        ids: B token lists (longest Q).
+        pad_id: Fills the left of shorter rows.
+
+    Returns:
+        ``(input_ids, attention_mask)``, both (B, Q) long, the mask 1 on real tokens.
+    """
+    q = max(len(p) for p in ids)
+    out = torch.full((len(ids), q), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), q), dtype=torch.long)
+    for r, p in enumerate(ids):
+        out[r, q - len(p) :] = torch.tensor(p)
+        mask[r, q - len(p) :] = 1
+    return out, mask
+
+
 @dataclass
 class LMCollator:
     """Pad a list of examples (packed or not) to the longest one, on the right.

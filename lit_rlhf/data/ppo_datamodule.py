@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.lm_tokenize import LMCollator, encode_texts, tokenize_capped
+from lit_rlhf.data.lm_tokenize import LMCollator, encode_texts, left_pad, tokenize_capped
 from lit_rlhf.data.records import DataFormatError, read_records
 
 
@@ -135,12 +135,7 @@ class PPODataModule(L.LightningDataModule):
         b = self.batch_size
         chosen = self._take(len(self.prompts), b, index, self.rank * b, salt=1)
         prompts = [self.prompts[i] for i in chosen]
-        q = max(len(p) for p in prompts)
-        query_ids = torch.full((b, q), self.tokenizer.pad_token_id, dtype=torch.long)
-        query_mask = torch.zeros((b, q), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            query_ids[row, q - len(p) :] = torch.tensor(p)
-            query_mask[row, q - len(p) :] = 1
+        query_ids, query_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         ptx = None
         if self.ptx_ratio > 0 and self.ptx_per_rollout > 0:
             n = self.ptx_per_rollout

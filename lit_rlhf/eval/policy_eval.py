@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_rlhf.data.lm_tokenize import LMCollator, encode_texts
 from lit_rlhf.ops.lm_loss import next_token_nll
-from lit_rlhf.rollout import Rollout, generate, response_logprobs
+from lit_rlhf.rollout import HFGenerateEngine, RolloutEngine, response_logprobs, sample_rollouts
 
 
 @dataclass
@@ -30,16 +29,6 @@ class PolicySamples:
     lengths: list[int]
 
 
-def _left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    q = max(len(p) for p in ids)
-    out = torch.full((len(ids), q), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), q), dtype=torch.long)
-    for r, p in enumerate(ids):
-        out[r, q - len(p) :] = torch.tensor(p)
-        mask[r, q - len(p) :] = 1
-    return out, mask
-
-
 @torch.no_grad()
 def sample_with_kl(
     policy: PreTrainedModel,
@@ -51,44 +40,40 @@ def sample_with_kl(
     batch_size: int = 64,
     max_prompt_length: int = 128,
     desc: str | None = None,
+    engine: RolloutEngine | None = None,
 ) -> PolicySamples:
     """Sample one response per prompt and estimate KL(policy || reference) on it.
 
     The KL is the k1 estimator summed over response tokens, with log-probs at the sampling
     temperature (an unbiased estimate of the sequence-level KL under the policy's samples).
     """
-    policy.eval()
-    ids = [
-        p[-max_prompt_length:] for p in tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    ]
+    engine = engine or HFGenerateEngine()
     responses: list[str] = []
     kls: list[float] = []
     lengths: list[int] = []
-    device = next(policy.parameters()).device
-    # disable=None: tqdm stays quiet when stderr is not a terminal (log files, CI).
-    for s in tqdm(
-        range(0, len(prompts), batch_size),
-        desc=desc,
-        disable=True if desc is None else None,
-        leave=False,
+    for _, ro in sample_rollouts(
+        policy,
+        tokenizer,
+        prompts,
+        1,
+        max_new_tokens,
+        temperature,
+        batch_size,
+        max_prompt_length,
+        sort_by_length=False,  # batch j holds prompts j * batch_size onwards, in order
+        progress=desc,
+        engine=engine,
     ):
-        q, m = _left_pad(ids[s : s + batch_size], tokenizer.pad_token_id)
-        ro: Rollout = generate(
-            policy,
-            q.to(device),
-            m.to(device),
-            max_new_tokens,
-            temperature,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-        )
         responses += [
             t.strip() for t in tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
         ]
         lengths += ro.response_mask.sum(-1).tolist()
         if reference is not None:
+            logp = ro.logprobs
+            if not engine.exact_logprobs:  # the engine's own numbers are not the policy's
+                logp, _ = response_logprobs(policy, ro, temperature)
             ref, _ = response_logprobs(reference, ro, temperature)
-            kls += ((ro.logprobs - ref) * ro.response_mask).sum(-1).tolist()
+            kls += ((logp - ref) * ro.response_mask).sum(-1).tolist()
     return PolicySamples(prompts, responses, kls if reference is not None else None, lengths)
 
 

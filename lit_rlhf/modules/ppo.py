@@ -18,12 +18,9 @@ from lit_rlhf.models.heads import fp32_output_head
 from lit_rlhf.modules.base import (
     ModelOrFactory,
     OptimizerFactory,
-    adamw,
-    build_scheduler,
     check_packed_once,
     freeze,
     materialize,
-    trainer_precision,
 )
 from lit_rlhf.modules.ema import WeightEMA
 from lit_rlhf.modules.ppo_hooks import PPOHooksMixin
@@ -40,7 +37,14 @@ from lit_rlhf.ops.ppo import (
     per_token_rewards,
 )
 from lit_rlhf.ops.scores import apply_missing_eos_rule, scale_and_clip
-from lit_rlhf.rollout import Rollout, generate, response_logprobs, response_values, score
+from lit_rlhf.rollout import (
+    HFGenerateEngine,
+    Rollout,
+    RolloutEngine,
+    response_logprobs,
+    response_values,
+    score,
+)
 
 
 def split_episodes(
@@ -116,12 +120,15 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
             ``sequence_sum``; gamma's meaning depends on it.
         ema_decay: EMA of the policy weights for evaluation/export (InstructGPT 0.992).
         padding_free: Run the scoring and training forwards on the rollout's real tokens
-            packed into rows (:mod:`lit_rlhf.packed_rollout`) wherever that costs fewer FLOPs
+            packed into rows (:mod:`lit_rlhf.rollout.packed`) wherever that costs fewer FLOPs
             than the padded layout; same numbers up to float rounding.
         synced_gpus: Generate with ``synced_gpus``: every rank keeps running forwards until the
             longest response of all ranks ends. None: on whenever there are several ranks
             (sharded models gather weights in every forward, so a rank that stopped early would
             deadlock the others); under FSDP2/DeepSpeed it is always on.
+        engine: The sampler of phase 1 (:class:`~lit_rlhf.rollout.RolloutEngine`; default
+            :class:`~lit_rlhf.rollout.HFGenerateEngine`). One whose log-probs are not exact
+            gets the old log-probs recomputed by a policy forward in phase 2.
     """
 
     sharded_attrs = ("policy", "value_model", "ref_model", "reward_model")
@@ -169,6 +176,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         ema_decay: float | None = None,
         synced_gpus: bool | None = None,
         padding_free: bool = True,
+        engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__()
         if kl_coef < 0:
@@ -178,8 +186,9 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         if eos_token_id == pad_token_id:
             raise ValueError("pad_token_id must differ from eos_token_id (see load_tokenizer)")
         self.save_hyperparameters(
-            ignore=["policy", "value_model", "ref_model", "reward_model", "optimizer"]
+            ignore=["policy", "value_model", "ref_model", "reward_model", "optimizer", "engine"]
         )
+        self.engine = engine or HFGenerateEngine()
         self.automatic_optimization = False
         self.strict_loading = False  # frozen models are not in checkpoints
         # float32 log-probs under bf16 autocast (a no-op in fp32 runs).
@@ -212,7 +221,8 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
 
         # 1. Rollout: sample one response per prompt, cut after the first EOS.
         t0 = time.perf_counter()
-        ro = generate(
+        self.engine.load_weights(self.policy)
+        ro = self.engine.generate(
             self.policy,
             query_ids,
             query_mask,
@@ -225,10 +235,13 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         mask = ro.response_mask
 
         # 2. Score: reference log-probs, values, RM score at the last token (the old
-        # log-probs come from the sampling pass itself).
+        # log-probs come from the sampling pass itself, when the engine's are exact).
         t1 = time.perf_counter()
         packed = self._pack(ro)
         with torch.no_grad():
+            if not self.engine.exact_logprobs:
+                ro.logprobs, _ = response_logprobs(self.policy, ro, hp.temperature, packed=packed)
+                ro.logprobs = ro.logprobs.masked_fill(~mask, 0.0)
             ro.ref_logprobs, _ = response_logprobs(
                 self.ref_model, ro, hp.temperature, packed=packed
             )
@@ -249,13 +262,13 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
             rewards, non_score = per_token_rewards(scaled, kl, mask, kl_coef)
 
             # 4. Advantages: GAE over response tokens, whitened per rollout.
-            advantages, returns = gae_advantages(rewards, ro.values, mask, hp.gamma, hp.lam)
+            ro.advantages, ro.returns = gae_advantages(rewards, ro.values, mask, hp.gamma, hp.lam)
             if hp.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+                ro.advantages = masked_whiten(ro.advantages, mask)
 
         # 5. Optimize: ppo_epochs x minibatches of clipped policy + value (+ ptx) loss.
         t2 = time.perf_counter()
-        stats = self._optimize(ro, advantages, returns, data.get("ptx"))
+        stats = self._optimize(ro, data.get("ptx"))
         t3 = time.perf_counter()
         stats.update(
             {"time/generation": t1 - t0, "time/scoring": t2 - t1, "time/optimization": t3 - t2}
@@ -282,7 +295,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
                 "objective/non_score_reward": non_score.sum(-1).mean(),
                 "objective/rlhf_reward": (ro.scores - kl_coef * kl_per_seq).mean(),
                 "objective/kl_coef": torch.tensor(kl_coef),
-                "value/explained_variance": explained_variance(ro.values, returns, mask),
+                "value/explained_variance": explained_variance(ro.values, ro.returns, mask),
                 "rollout/response_length": lengths.mean(),
                 "rollout/eos_rate": ro.has_eos.float().mean(),
                 "rollout/rollouts": torch.tensor(float(self.rollouts_done)),
@@ -300,9 +313,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         )
         self.history.append({k: float(v) for k, v in stats.items()})
 
-    def _optimize(
-        self, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor, ptx: dict | None
-    ) -> dict[str, torch.Tensor]:
+    def _optimize(self, ro: Rollout, ptx: dict | None) -> dict[str, torch.Tensor]:
         hp = self.hparams
         opt, sched = self.optimizers(), self.lr_schedulers()
         b = ro.query_ids.shape[0]
@@ -331,10 +342,10 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
                         )
                         values = response_values(self.value_model, sub, packed)
                         pg_loss, pg = clipped_policy_loss(
-                            logp, sub.logprobs, advantages[idx], sub.response_mask, hp.clip_range
+                            logp, sub.logprobs, sub.advantages, sub.response_mask, hp.clip_range
                         )
                         vf_loss, vf = clipped_value_loss(
-                            values, sub.values, returns[idx], sub.response_mask, hp.value_clip_range
+                            values, sub.values, sub.returns, sub.response_mask, hp.value_clip_range
                         )
                         loss = pg_loss + hp.vf_coef * vf_loss
                         # Named terms, so a non-finite loss is reported by its term (FiniteGuard).
@@ -384,30 +395,3 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
             use_cache=False,
         ).logits
         return lm_loss(logits, batch["input_ids"], batch["loss_mask"], self.hparams.ptx_reduction)
-
-    # ---------------------------------------------------------------- optimizer
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = [
-            {
-                "params": [p for p in self.policy.parameters() if p.requires_grad],
-                "lr": hp.policy_lr,
-                "name": "policy",
-            },
-            {
-                "params": [p for p in self.value_model.parameters() if p.requires_grad],
-                "lr": hp.value_lr,
-                "name": "value",
-            },
-        ]
-        if self.optimizer_factory is not None:
-            opt = self.optimizer_factory(groups)
-        else:
-            opt = adamw(
-                groups, trainer_precision(self), weight_decay=hp.weight_decay, eps=hp.adam_eps
-            )
-        total = hp.n_rollouts * hp.ppo_epochs * hp.num_minibatches
-        sched = build_scheduler(
-            opt, total, hp.schedule, hp.warmup_steps, 1.0, hp.warmup_start_ratio
-        )
-        return [opt], [{"scheduler": sched, "interval": "step"}]

@@ -1,6 +1,7 @@
-"""PPOModule's hooks around the PPO step: layout, distribution, checkpoints and export.
+"""PPOModule's hooks around the PPO step: optimizer, layout, distribution, checkpoints, export.
 
-Kept apart from the step itself (``ppo.py``) so each file stays readable. Layout: when the
+Kept apart from the step itself (``ppo.py``) so each file stays readable. Optimizer: one
+AdamW with the policy and value parameter groups. Layout: when the
 forwards run padding-free. Distribution: how a
 micro-step skips the gradient reduction, when generation keeps ranks in step. Checkpoints:
 the frozen reference and reward models are left out (they are rebuilt from their export
@@ -16,17 +17,44 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lit_rlhf.modules.base import check_packed_once
+from lit_rlhf.modules.base import adamw, build_scheduler, check_packed_once, trainer_precision
 from lit_rlhf.modules.ema import WeightEMA
 from lit_rlhf.modules.sharding import is_sharded, no_gradient_sync, unsharded_copy
-from lit_rlhf.packed_rollout import PackedRollout
+from lit_rlhf.rollout.packed import PackedRollout
 
 #: State-dict prefixes of the frozen models (not checkpointed).
 FROZEN_PREFIXES = ("ref_model.", "reward_model.")
 
 
 class PPOHooksMixin:
-    """Layout, distribution, checkpoint and export hooks of PPOModule."""
+    """Optimizer, layout, distribution, checkpoint and export hooks of PPOModule."""
+
+    def configure_optimizers(self):
+        """One AdamW over the policy and value groups; the schedule counts optimizer steps."""
+        hp = self.hparams
+        groups = [
+            {
+                "params": [p for p in self.policy.parameters() if p.requires_grad],
+                "lr": hp.policy_lr,
+                "name": "policy",
+            },
+            {
+                "params": [p for p in self.value_model.parameters() if p.requires_grad],
+                "lr": hp.value_lr,
+                "name": "value",
+            },
+        ]
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(groups)
+        else:
+            opt = adamw(
+                groups, trainer_precision(self), weight_decay=hp.weight_decay, eps=hp.adam_eps
+            )
+        total = hp.n_rollouts * hp.ppo_epochs * hp.num_minibatches
+        sched = build_scheduler(
+            opt, total, hp.schedule, hp.warmup_steps, 1.0, hp.warmup_start_ratio
+        )
+        return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def _pack(self, rollout) -> PackedRollout | None:
         """The padding-free layout of ``rollout`` for the scoring/training forwards, or None.

@@ -20,7 +20,7 @@ from lit_rlhf.data.records import read_records
 from lit_rlhf.eval.gold import GoldJudge
 from lit_rlhf.eval.labeler import SimulatedLabeler, build_comparisons, pairwise_agreement
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
-from lit_rlhf.sampling import sample_responses
+from lit_rlhf.rollout.sampling import sample_responses
 from lit_rlhf.stages.checks import check_stage_config
 from lit_rlhf.stages.context import StageContext
 

@@ -38,7 +38,6 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
-import lit_rlhf.modules.ppo as ppo_module  # noqa: E402
 from lit_rlhf.callbacks.hf_export import HFExportCallback  # noqa: E402
 from lit_rlhf.data.comparisons import ComparisonCollator, encode_comparisons  # noqa: E402
 from lit_rlhf.data.lm_tokenize import LMCollator, encode_demonstrations  # noqa: E402
@@ -50,9 +49,8 @@ from lit_rlhf.modules.reward import RewardModule  # noqa: E402
 from lit_rlhf.modules.sft import SFTModule  # noqa: E402
 from lit_rlhf.modules.sharding import FSDP2Strategy, unsharded_copy  # noqa: E402
 from lit_rlhf.ops.masking import truncate_after_eos  # noqa: E402
-from lit_rlhf.packed_rollout import PackedRollout  # noqa: E402
-from lit_rlhf.rollout import generate as real_generate  # noqa: E402
-from lit_rlhf.rollout import response_logprobs  # noqa: E402
+from lit_rlhf.rollout import HFGenerateEngine, response_logprobs  # noqa: E402
+from lit_rlhf.rollout.packed import PackedRollout  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -151,8 +149,8 @@ def rm_setup(tok, world: int):
     return module, {"train_dataloaders": loader}, 2 if world > 1 else 1
 
 
-class ScriptedGeneration:
-    """Wraps ``rollout.generate``: records how it was called and what it returned.
+class ScriptedGeneration(HFGenerateEngine):
+    """The default engine, recording how it was called and what it returned.
 
     With ``scripted`` the sampled responses are replaced by a fixed function of each prompt
     (same length for every row), so runs that split a batch differently across ranks see the
@@ -163,11 +161,11 @@ class ScriptedGeneration:
         self.tok, self.scripted, self.force_unsynced = tok, scripted, force_unsynced
         self.calls: list[dict] = []
 
-    def __call__(self, policy, query_ids, query_mask, max_new_tokens, *args):
+    def generate(self, policy, query_ids, query_mask, max_new_tokens, *args):
         synced = args[-1]
         if self.force_unsynced:  # the negative control: what synced_gpus prevents
             args = (*args[:-1], False)
-        ro = real_generate(policy, query_ids, query_mask, max_new_tokens, *args)
+        ro = super().generate(policy, query_ids, query_mask, max_new_tokens, *args)
         self.calls.append(
             {
                 "synced_gpus": bool(synced),
@@ -190,7 +188,7 @@ class ScriptedGeneration:
         return ro
 
 
-def ppo_setup(tok, world: int, workdir: str):
+def ppo_setup(tok, world: int, workdir: str, engine: ScriptedGeneration):
     PackedRollout.pays = lambda self, model, lm_head: True  # pack every PPO forward here
     prompts = os.path.join(workdir, "prompts.jsonl")
     texts = os.path.join(workdir, "texts.jsonl")
@@ -217,6 +215,7 @@ def ppo_setup(tok, world: int, workdir: str):
         whiten_advantages=False,  # whitening statistics are per rank by design
         ptx_coef=0.5,
         ptx_reduction="sequence_mean",
+        engine=engine,  # the engine seam: no module global is patched
     )
     dm = PPODataModule(
         prompts,
@@ -366,8 +365,7 @@ def main() -> None:
         module, fit_kwargs, accumulate = rm_setup(tok, world)
     else:
         generation = ScriptedGeneration(tok, not args.uneven, args.unsynced)
-        ppo_module.generate = generation  # the module calls generate through its namespace
-        module, fit_kwargs, accumulate = ppo_setup(tok, world, args.workdir)
+        module, fit_kwargs, accumulate = ppo_setup(tok, world, args.workdir, generation)
 
     backend = "gloo" if args.accelerator == "cpu" else None
     if args.strategy == "single":

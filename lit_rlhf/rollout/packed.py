@@ -1,6 +1,6 @@
 """Padding-free PPO forwards: a rollout's sequences packed end to end into few rows.
 
-In a :class:`~lit_rlhf.rollout.Rollout` the prompt is left-padded and the response
+In a :class:`~lit_rlhf.rollout.record.Rollout` the prompt is left-padded and the response
 right-padded, so the real tokens of episode ``i`` are one contiguous span of its padded row,
 columns ``Q - len(prompt_i)`` to ``Q + len(response_i)``. Packing copies these spans into
 rows (positions restarting at 0 per sequence, no attention mask: transformers builds the
