@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lit_rlhf.stages.context import UPSTREAM, StageContext
+from lit_rlhf.stages.registry import STAGES
 
 log = logging.getLogger("lit_rlhf")
 
@@ -53,24 +54,8 @@ register_resolvers()
 
 
 def runners() -> dict[str, Callable[[StageContext, str], str]]:
-    """Stage name -> runner function."""
-    from lit_rlhf.stages.label import run_label
-    from lit_rlhf.stages.lm import run_pretrain, run_sft
-    from lit_rlhf.stages.ppo import run_ppo
-    from lit_rlhf.stages.report import run_eval, run_pipeline
-    from lit_rlhf.stages.rm import run_rm
-
-    table = {
-        "pretrain": run_pretrain,
-        "sft": run_sft,
-        "label": run_label,
-        "rm": run_rm,
-        "ppo": run_ppo,
-        "ppo_ptx": run_ppo,
-        "eval": run_eval,
-        "pipeline": run_pipeline,
-    }
-    return table
+    """Stage name -> runner function, from the stage registry."""
+    return {name: spec.load_runner() for name, spec in STAGES.items()}
 
 
 #: Strategies whose processes come from re-running the script (Lightning's subprocess

@@ -394,6 +394,7 @@ def test_zero_length_runs_are_refused_before_anything_is_built(
         ("rm", "guard.nonfinite=ignore", "guard.nonfinite='ignore': use stop or skip"),
         ("ppo", "guard.divergence_factor=0.5", "guard.divergence_factor=0.5: use a finite"),
         ("sft", "guard.on_divergence=quiet", "guard.on_divergence='quiet': use error or warn"),
+        ("pipeline", "stage.stages=[pretrain,sftt]", "stage.stages has ['sftt']: choose from"),
     ],
 )
 def test_impossible_settings_are_one_line_before_anything_is_built(

@@ -10,7 +10,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first: no display here)
 
-NAMES = {"base": "base (pretrained)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+from lit_rlhf.stages.registry import STAGES  # noqa: E402
+
+#: Policy -> its label (the stage registry's; the base policy is the pretrain stage's export).
+NAMES = {
+    p: STAGES["pretrain" if p == "base" else p].label for p in ("base", "sft", "ppo", "ppo_ptx")
+}
 
 
 def _policies(metrics: dict) -> list[str]:
@@ -161,7 +166,7 @@ def training_warnings(exports: dict[str, str]) -> list[str]:
                 m = json.load(fh)
         except (OSError, ValueError):
             continue  # a user's folder from elsewhere has no guard record
-        label = {**NAMES, "rm": "RM"}.get(name, name)
+        label = NAMES.get(name) or (STAGES[name].label if name in STAGES else name)
         skipped = int(m.get("guard/skipped_steps") or 0)
         if skipped:
             lines.append(f"{label}: {skipped} optimizer steps skipped (NaN/inf)")

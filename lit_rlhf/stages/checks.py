@@ -15,6 +15,7 @@ from typing import Any
 from lit_rlhf.modules.ppo import split_episodes
 from lit_rlhf.ops.schedules import SCHEDULES
 from lit_rlhf.stages.context import TRAINED_STAGES, ConfigError, check_run_length
+from lit_rlhf.stages.registry import STAGES
 
 
 def _int_at_least(low: int) -> Callable[[Any], bool]:
@@ -72,15 +73,8 @@ RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     },
 }
 
-#: Stage -> the config sections it trains or samples with.
-SECTIONS = {
-    "pretrain": ("pretrain", "guard"),
-    "sft": ("sft", "guard"),
-    "label": ("label",),
-    "rm": ("rm", "guard"),
-    "ppo": ("ppo", "guard"),
-    "ppo_ptx": ("ppo", "guard"),
-}
+#: Stage -> the config sections it trains or samples with (from the stage registry).
+SECTIONS = {n: s.checks for n, s in STAGES.items() if s.checks}
 
 
 def check_seed(cfg: dict) -> None:

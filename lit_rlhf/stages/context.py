@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from lit_rlhf.data.embedded import EmbeddedWorldConfig, EmbeddedWorldFiles, build_embedded_world
+from lit_rlhf.stages.registry import STAGES
 
 log = logging.getLogger("lit_rlhf")
 
@@ -48,37 +49,17 @@ def isolated_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
+# Views of the stage registry (lit_rlhf/stages/registry.py), for the code that reads them.
 #: stage -> config keys (top-level sections) whose values change its output.
-STAGE_SETTINGS = {
-    "pretrain": ("model", "pretrain"),
-    "sft": ("model", "sft"),
-    "label": ("label",),
-    "rm": ("rm",),
-    "ppo": ("ppo",),
-    "ppo_ptx": ("ppo",),
-}
+STAGE_SETTINGS = {n: s.settings for n, s in STAGES.items() if s.exports}
 #: Stages trained by a Lightning Trainer (their exports depend on its precision).
-TRAINED_STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+TRAINED_STAGES = tuple(n for n, s in STAGES.items() if s.trained)
 #: stage -> upstream stages it reads.
-UPSTREAM = {
-    "pretrain": (),
-    "sft": ("pretrain",),
-    "label": ("sft",),
-    "rm": ("sft", "label"),
-    "ppo": ("sft", "rm"),
-    "ppo_ptx": ("sft", "rm"),
-}
+UPSTREAM = {n: s.upstream for n, s in STAGES.items() if s.exports}
 #: stage -> ``data.<key>`` sources it reads (besides ``embedded`` and ``fields``, which every
 #: stage's defaults depend on). Upstream data reaches a stage through upstream fingerprints, so
 #: e.g. new comparisons retrain the RM and PPO but reuse pretrain and SFT.
-STAGE_DATA = {
-    "pretrain": ("pretrain", "pretrain_val"),
-    "sft": ("demonstrations", "demonstrations_val"),
-    "label": ("comparison_prompts",),
-    "rm": ("comparisons", "comparisons_val", "demonstrations"),
-    "ppo": ("prompts",),
-    "ppo_ptx": ("prompts", "pretrain"),
-}
+STAGE_DATA = {n: s.data for n, s in STAGES.items() if s.exports}
 #: Trainer arguments that change what a stage trains -> their neutral value (the shipped
 #: trainer configs leave them at it). ``trainer.precision`` is hashed separately.
 TRAINER_RESULT_KEYS = {
@@ -115,13 +96,7 @@ class ConfigError(ValueError):
 
 
 #: Each trained stage's run-length setting: (config section, key).
-RUN_LENGTH = {
-    "pretrain": ("pretrain", "max_epochs"),
-    "sft": ("sft", "max_epochs"),
-    "rm": ("rm", "max_epochs"),
-    "ppo": ("ppo", "n_rollouts"),
-    "ppo_ptx": ("ppo", "n_rollouts"),
-}
+RUN_LENGTH = {n: s.run_length for n, s in STAGES.items() if s.run_length}
 
 
 def check_run_length(cfg: dict, stage: str) -> None:
@@ -210,9 +185,7 @@ class StageContext:
         """The training-loop guard of a trained ``stage``, from the ``guard`` section."""
         from lit_rlhf.callbacks.finite_guard import FiniteGuard
 
-        section = RUN_LENGTH[stage][0]
-        lr = f"{section}.policy_lr" if section == "ppo" else f"{section}.lr"
-        return FiniteGuard(stage, lr, **(self.cfg.get("guard") or {}))
+        return FiniteGuard(stage, STAGES[stage].lr_setting, **(self.cfg.get("guard") or {}))
 
     # -- stage graph --------------------------------------------------------------------
     def stage_dir(self, stage: str) -> str:

@@ -21,6 +21,7 @@ from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, lo
 from lit_rlhf.modules.reward import score_pairs
 from lit_rlhf.stages.checks import check_stage_config
 from lit_rlhf.stages.context import ConfigError, StageContext
+from lit_rlhf.stages.registry import STAGES, pipeline_stages
 
 log = logging.getLogger("lit_rlhf")
 
@@ -194,7 +195,13 @@ def run_eval(ctx: StageContext, stage: str = "eval") -> str:
 def run_pipeline(ctx: StageContext, stage: str = "pipeline") -> str:
     """The whole recipe: each stage is built unless its output exists for this config."""
     start = time.perf_counter()
-    steps = list(ctx.cfg["stage"].get("stages") or ())
+    steps = list(ctx.cfg["stage"].get("stages") or pipeline_stages())
+    unknown = [s for s in steps if s not in STAGES or s == "pipeline"]
+    if unknown:
+        raise ConfigError(
+            f"stage.stages has {unknown}: choose from {pipeline_stages()} "
+            "(lit_rlhf/stages/registry.py)"
+        )
     # Settings that no stage could run with stop the pipeline before pretrain trains.
     for step in steps:
         check_stage_config(ctx.cfg, step)
