@@ -29,8 +29,12 @@ class GoldTrackingCallback(L.Callback):
         self.score_fn, self.tokenizer, self.every = score_fn, tokenizer, max(1, every_n_rollouts)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        ro = getattr(pl_module, "last_rollout", None)
-        if ro is None or pl_module.rollouts_done % self.every:
+        # PPOModule.training_step returns {"rollout", "metrics"}: the rollout to judge and the
+        # row of the module's history that the score joins.
+        if not isinstance(outputs, dict) or "rollout" not in outputs:
+            return
+        ro = outputs["rollout"]
+        if pl_module.rollouts_done % self.every:
             return
         tok = self.tokenizer
         prompts = tok.batch_decode(
@@ -38,8 +42,8 @@ class GoldTrackingCallback(L.Callback):
         )
         responses = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
         gold = torch.tensor(self.score_fn(prompts, responses), dtype=torch.float32)
-        if getattr(pl_module, "history", None):
-            pl_module.history[-1]["gold/train_score"] = float(gold.mean())
+        if "metrics" in outputs:
+            outputs["metrics"]["gold/train_score"] = float(gold.mean())
         pl_module.log(
             "gold/train_score",
             gold.mean().to(pl_module.device),

@@ -89,3 +89,39 @@ def test_sampling_keeps_the_prompt_order_or_sorts_by_length(tok):
     by_len = [rows for rows, _ in sample_rollouts(policy, tok, prompts, [1, 2, 1], 3, batch_size=2)]
     assert [i for rows in by_len for i in rows] == [1, 1, 2, 0]
     assert policy.training  # the mode it had is restored
+
+
+def test_callbacks_get_each_rollout_through_the_step_outputs(tok, data_files):  # noqa: F811
+    import lightning as L
+
+    from lit_rlhf.callbacks.gold_tracking import GoldTrackingCallback
+    from lit_rlhf.data.ppo_datamodule import PPODataModule
+
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((outputs["rollout"], outputs["metrics"]))
+
+    def length_judge(prompts, responses):
+        return [float(len(r)) for r in responses]
+
+    module = make_module(tok)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[GoldTrackingCallback(length_judge, tok), Spy()],
+    )
+    dm = PPODataModule(data_files[0], None, batch_size=8).connect(tok)
+    trainer.fit(module, dm)
+    assert len(seen) == module.rollouts_done == 2
+    for (ro, metrics), row in zip(seen, module.history):
+        assert metrics is row  # the history row itself: added keys reach history.json
+        texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
+        assert row["gold/train_score"] == pytest.approx(sum(map(len, texts)) / len(texts))
+        assert ro.advantages is not None and ro.returns is not None

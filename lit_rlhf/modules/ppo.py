@@ -211,7 +211,15 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         self.loss_parts: dict[str, torch.Tensor] = {}  # the terms of the loss being optimized
 
     # ---------------------------------------------------------------- the PPO step
-    def training_step(self, batch, batch_idx: int) -> None:
+    def training_step(self, batch, batch_idx: int) -> dict:
+        """One rollout and its PPO updates.
+
+        Returns:
+            What callbacks receive as ``outputs`` in ``on_train_batch_end``: ``{"rollout":
+            the scored Rollout (advantages and returns filled in), "metrics": this rollout's
+            row of ``history``}``; a callback may add keys to ``metrics`` (they go into
+            ``history.json``).
+        """
         hp = self.hparams
         data = self.trainer.datamodule.rollout_batch(self.rollouts_done)
         query_ids, query_mask = (
@@ -312,6 +320,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
             batch_size=query_ids.shape[0],
         )
         self.history.append({k: float(v) for k, v in stats.items()})
+        return {"rollout": ro, "metrics": self.history[-1]}
 
     def _optimize(self, ro: Rollout, ptx: dict | None) -> dict[str, torch.Tensor]:
         hp = self.hparams
