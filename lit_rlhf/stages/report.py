@@ -19,6 +19,7 @@ from lit_rlhf.eval.splits import heldout_labeler_agreement, policy_split_metrics
 from lit_rlhf.eval.stats import mean_ci, win_rate
 from lit_rlhf.models.loading import load_causal_lm, load_sequence_classifier, load_tokenizer
 from lit_rlhf.modules.reward import score_pairs
+from lit_rlhf.ops.ranking import pairwise_accuracy
 from lit_rlhf.stages.checks import check_stage_config
 from lit_rlhf.stages.context import ConfigError, StageContext
 from lit_rlhf.stages.registry import STAGES, pipeline_stages
@@ -53,20 +54,23 @@ def _rm_accuracy(ctx: StageContext, rm_path: str, tokenizer, metrics: dict) -> N
     prompts = [r["prompt"] for r in raw for _ in r["completions"]]
     comps = [c for r in raw for c in r["completions"]]
     scores = score_pairs(rm, tokenizer, prompts, comps, batch_size=ecfg["batch_size"]).tolist()
-    ok_l = n_l = ok_g = n_g = 0
+    # One (P, K_max) batch: labels give the ranks, gold scores (negated: 0 = best) the gold
+    # order; float64 keeps distinct gold scores distinct.
+    p, k_max = len(raw), max(len(r["completions"]) for r in raw)
+    rewards, ranks, gold = (torch.zeros(p, k_max, dtype=torch.float64) for _ in range(3))
+    valid = torch.zeros(p, k_max, dtype=torch.bool)
+    has_gold = torch.tensor(["gold" in r for r in raw]).unsqueeze(-1)
     pos = 0
-    for r in raw:
+    for row, r in enumerate(raw):
         k = len(r["completions"])
-        s = scores[pos : pos + k]
+        rewards[row, :k] = torch.tensor(scores[pos : pos + k], dtype=torch.float64)
+        ranks[row, :k] = torch.tensor(r["ranks"], dtype=torch.float64)
+        if "gold" in r:
+            gold[row, :k] = -torch.tensor(r["gold"], dtype=torch.float64)
+        valid[row, :k] = True
         pos += k
-        for i in range(k):
-            for j in range(k):
-                if r["ranks"][i] < r["ranks"][j]:
-                    n_l += 1
-                    ok_l += s[i] > s[j]
-                if "gold" in r and r["gold"][i] > r["gold"][j]:
-                    n_g += 1
-                    ok_g += s[i] > s[j]
+    ok_l, n_l = (int(x) for x in pairwise_accuracy(rewards, ranks, valid))
+    ok_g, n_g = (int(x) for x in pairwise_accuracy(rewards, gold, valid & has_gold))
     metrics["eval/rm/acc_labels"] = ok_l / max(1, n_l)
     metrics["eval/rm/pairs"] = n_l
     if n_g:
