@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from lit_rlhf.fileio import atomic_write_text
+
 
 def _as_float(value) -> float | None:
     if isinstance(value, torch.Tensor):
@@ -31,11 +33,7 @@ def update_metrics_json(path: str, metrics: dict) -> dict:
         number = _as_float(value)
         if number is not None:
             current[key] = number
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(dict(sorted(current.items())), fh, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(dict(sorted(current.items())), indent=2))
     return current
 
 

@@ -21,6 +21,8 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from lit_rlhf.fileio import atomic_write_text
+
 FORMATS = {
     "demonstrations": ("prompt", "completion"),
     "pretrain": ("text",),
@@ -268,10 +270,5 @@ def read_records(
 
 
 def write_jsonl(records: list[dict], path: str) -> None:
-    """Write records as JSONL atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write records as JSONL atomically (:func:`~lit_rlhf.fileio.atomic_write_text`)."""
+    atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
