@@ -47,6 +47,7 @@ class GoldTrackingCallback(L.Callback):
         pl_module.log(
             "gold/train_score",
             gold.mean().to(pl_module.device),
+            prog_bar=True,
             on_step=True,
             on_epoch=False,
             sync_dist=trainer.world_size > 1,

@@ -312,13 +312,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         stats = {
             k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in stats.items()
         }
-        self.log_dict(
-            stats,
-            on_step=True,
-            on_epoch=False,
-            sync_dist=self.trainer.world_size > 1,
-            batch_size=query_ids.shape[0],
-        )
+        self._log_rollout(stats, query_ids.shape[0])
         self.history.append({k: float(v) for k, v in stats.items()})
         return {"rollout": ro, "metrics": self.history[-1]}
 

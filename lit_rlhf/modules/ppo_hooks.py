@@ -56,6 +56,19 @@ class PPOHooksMixin:
         )
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
+    def _log_rollout(self, stats: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log a rollout's metrics (reduced across ranks); RM score, KL and β on the bar."""
+        shown = ("objective/scores", "objective/kl", "objective/kl_coef")
+        for prog_bar in (True, False):
+            self.log_dict(
+                {k: v for k, v in stats.items() if (k in shown) == prog_bar},
+                prog_bar=prog_bar,
+                on_step=True,
+                on_epoch=False,
+                sync_dist=self.trainer.world_size > 1,
+                batch_size=batch_size,
+            )
+
     def _pack(self, rollout) -> PackedRollout | None:
         """The padding-free layout of ``rollout`` for the scoring/training forwards, or None.
 
