@@ -179,6 +179,21 @@ def test_guard_skip_mode_is_in_the_fingerprint_and_the_defaults_are_not(compose_
     assert all(skip[s] != default[s] for s in default)
 
 
+def test_settings_added_later_keep_old_folder_names_at_their_old_behaviour(compose_cfg, tmp_path):
+    def prints(*overrides):
+        cfg = compose_cfg(*overrides)
+        with open_dict(cfg):
+            cfg.pop("hydra")
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+        ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
+        return ctx.fingerprint("ppo"), ctx.fingerprint("ppo_ptx")
+
+    default = prints()
+    assert prints("ppo.advantage_estimator=gae", "ppo.group_size=1") == default
+    assert prints("experiment=grpo") != default
+    assert prints("ppo.group_size=2") != default  # GAE over two samples per prompt
+
+
 def test_trainer_settings_that_change_results_are_in_the_fingerprint(compose_cfg, tmp_path):
     def prints(*overrides):
         cfg = compose_cfg(*overrides)
@@ -395,6 +410,10 @@ def test_zero_length_runs_are_refused_before_anything_is_built(
         ("ppo", "guard.divergence_factor=0.5", "guard.divergence_factor=0.5: use a finite"),
         ("sft", "guard.on_divergence=quiet", "guard.on_divergence='quiet': use error or warn"),
         ("pipeline", "stage.stages=[pretrain,sftt]", "stage.stages has ['sftt']: choose from"),
+        ("ppo", "ppo.advantage_estimator=grpo", "ppo.advantage_estimator=grpo compares each"),
+        ("ppo", "ppo.advantage_estimator=ppo2", "ppo.advantage_estimator='ppo2': use gae or"),
+        ("ppo", "experiment=rloo ppo.group_size=3", "ppo.batch_size=64 is not a multiple of"),
+        ("ppo", "experiment=grpo ppo.whiten_advantages=true", "ppo.whiten_advantages=true only"),
     ],
 )
 def test_impossible_settings_are_one_line_before_anything_is_built(
@@ -402,7 +421,7 @@ def test_impossible_settings_are_one_line_before_anything_is_built(
 ):
     from lit_rlhf.run import runners
 
-    cfg = compose_cfg(f"stage={stage}", override)
+    cfg = compose_cfg(f"stage={stage}", *override.split())
     with open_dict(cfg):
         cfg.pop("hydra")
     cfg = OmegaConf.to_container(cfg, resolve=True)

@@ -39,6 +39,8 @@ class PPODataModule(L.LightningDataModule):
         ptx_max_length: Tokens per pretraining example (longer texts are chunked).
         seed: Seed of the prompt and pretraining orders.
         limit: Read at most this many records per source.
+        group_size: Samples per prompt K: a rollout holds ``batch_size / K`` prompts, each in
+            K consecutive rows (the group of GRPO/RLOO); 1 for PPO with a critic.
     """
 
     def __init__(
@@ -52,8 +54,15 @@ class PPODataModule(L.LightningDataModule):
         ptx_max_length: int = 64,
         seed: int = 0,
         limit: int | None = None,
+        group_size: int = 1,
     ) -> None:
         super().__init__()
+        if group_size < 1 or batch_size % group_size:
+            raise ValueError(
+                f"ppo.batch_size ({batch_size}) must be a multiple of ppo.group_size "
+                f"({group_size}): each prompt is sampled group_size times"
+            )
+        self.group_size = group_size
         if ptx_ratio < 0:
             raise ValueError(f"ptx_ratio must be >= 0, got {ptx_ratio}")
         if ptx_ratio > 0 and not pretrain_source:
@@ -132,9 +141,10 @@ class PPODataModule(L.LightningDataModule):
         Returns:
             ``{"query_ids" (B, Q) left-padded, "query_mask" (B, Q), "ptx": LM batch or None}``.
         """
-        b = self.batch_size
-        chosen = self._take(len(self.prompts), b, index, self.rank * b, salt=1)
-        prompts = [self.prompts[i] for i in chosen]
+        b, k = self.batch_size, self.group_size
+        # b // k distinct prompts, each in k consecutive rows (a critic-free estimator's group).
+        chosen = self._take(len(self.prompts), b // k, index, self.rank * (b // k), salt=1)
+        prompts = [self.prompts[i] for i in chosen for _ in range(k)]
         query_ids, query_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         ptx = None
         if self.ptx_ratio > 0 and self.ptx_per_rollout > 0:

@@ -18,15 +18,14 @@ from lit_rlhf.models.heads import fp32_output_head
 from lit_rlhf.modules.base import (
     ModelOrFactory,
     OptimizerFactory,
-    check_packed_once,
     freeze,
     materialize,
 )
 from lit_rlhf.modules.ema import WeightEMA
 from lit_rlhf.modules.ppo_hooks import PPOHooksMixin
 from lit_rlhf.modules.sharding import ShardedModelsMixin
+from lit_rlhf.ops.critic_free import CRITIC_FREE, critic_free_advantages, returns_to_go
 from lit_rlhf.ops.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from lit_rlhf.ops.lm_loss import lm_loss
 from lit_rlhf.ops.masking import masked_mean, masked_whiten
 from lit_rlhf.ops.ppo import (
     RunningMoments,
@@ -45,32 +44,7 @@ from lit_rlhf.rollout import (
     response_values,
     score,
 )
-
-
-def split_episodes(
-    batch_size: int, num_minibatches: int, micro_batch_size: int | None
-) -> tuple[int, int]:
-    """Episodes per minibatch and per micro-batch of one rollout; every episode is used.
-
-    Raises:
-        ValueError: When the rollout does not split evenly (the remainder would be dropped
-            from every optimisation epoch without a word) or a size is < 1.
-    """
-    if num_minibatches < 1 or batch_size % num_minibatches:
-        raise ValueError(
-            f"ppo.batch_size ({batch_size}) must be divisible by ppo.num_minibatches "
-            f"({num_minibatches})"
-        )
-    mb = batch_size // num_minibatches
-    if micro_batch_size is None:
-        return mb, mb
-    if micro_batch_size < 1 or mb % min(micro_batch_size, mb):
-        raise ValueError(
-            f"ppo.micro_batch_size ({micro_batch_size}) must be >= 1 and divide the minibatch "
-            f"of {mb} episodes (ppo.batch_size / ppo.num_minibatches); otherwise "
-            f"{mb % max(micro_batch_size, 1)} episodes of each minibatch would be dropped"
-        )
-    return mb, min(micro_batch_size, mb)
+from lit_rlhf.rollout.record import split_episodes
 
 
 class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
@@ -103,7 +77,12 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         score_clip: Clip (scaled) scores to ``[-score_clip, score_clip]``.
         gamma: GAE discount (1: no discount).
         lam: GAE lambda.
-        whiten_advantages: Normalise advantages per rollout.
+        whiten_advantages: Normalise GAE's advantages per rollout.
+        advantage_estimator: ``gae`` (a value model, InstructGPT) or a critic-free one, which
+            trains no value model: ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp``,
+            ``reinforce_pp_baseline`` (:mod:`lit_rlhf.ops.critic_free`).
+        group_size: Samples per prompt K in consecutive rows (the datamodule's
+            ``group_size``); the group baselines compare a response with the other K - 1.
         clip_range: PPO ratio clip.
         value_clip_range: Value clip.
         vf_coef: Weight of the value loss (N+: 0.1).
@@ -160,6 +139,8 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten_advantages: bool = True,
+        advantage_estimator: str = "gae",
+        group_size: int = 1,
         clip_range: float = 0.2,
         value_clip_range: float = 0.2,
         vf_coef: float = 0.1,
@@ -183,6 +164,10 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
             raise ValueError(f"kl_coef (beta) must be >= 0, got {kl_coef}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if advantage_estimator not in ("gae", *CRITIC_FREE):
+            raise ValueError(f"advantage_estimator must be gae or one of {CRITIC_FREE}")
+        if advantage_estimator in ("grpo", "rloo") and group_size < 2:
+            raise ValueError(f"{advantage_estimator} needs group_size >= 2, got {group_size}")
         if eos_token_id == pad_token_id:
             raise ValueError("pad_token_id must differ from eos_token_id (see load_tokenizer)")
         self.save_hyperparameters(
@@ -253,7 +238,12 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
             ro.ref_logprobs, _ = response_logprobs(
                 self.ref_model, ro, hp.temperature, packed=packed
             )
-            ro.values = response_values(self.value_model, ro, packed).masked_fill(~mask, 0.0)
+            critic = hp.advantage_estimator == "gae"
+            ro.values = (
+                response_values(self.value_model, ro, packed).masked_fill(~mask, 0.0)
+                if critic
+                else torch.zeros_like(ro.logprobs)  # critic-free: no value model forward
+            )
             ro.raw_scores = score(self.reward_model, ro, packed)
             ro.scores = apply_missing_eos_rule(
                 ro.raw_scores, ro.has_eos, hp.missing_eos_score, hp.missing_eos_penalty
@@ -269,10 +259,19 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
             kl_coef = self.kl_ctl.value
             rewards, non_score = per_token_rewards(scaled, kl, mask, kl_coef)
 
-            # 4. Advantages: GAE over response tokens, whitened per rollout.
-            ro.advantages, ro.returns = gae_advantages(rewards, ro.values, mask, hp.gamma, hp.lam)
-            if hp.whiten_advantages:
-                ro.advantages = masked_whiten(ro.advantages, mask)
+            # 4. Advantages: GAE over response tokens, whitened per rollout; or a critic-free
+            # estimator's, from the returns of the prompt's group (or of the batch).
+            if critic:
+                ro.advantages, ro.returns = gae_advantages(
+                    rewards, ro.values, mask, hp.gamma, hp.lam
+                )
+                if hp.whiten_advantages:
+                    ro.advantages = masked_whiten(ro.advantages, mask)
+            else:
+                ro.returns = returns_to_go(rewards, mask)
+                ro.advantages = critic_free_advantages(
+                    rewards, mask, hp.advantage_estimator, hp.group_size
+                )
 
         # 5. Optimize: ppo_epochs x minibatches of clipped policy + value (+ ptx) loss.
         t2 = time.perf_counter()
@@ -303,12 +302,13 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
                 "objective/non_score_reward": non_score.sum(-1).mean(),
                 "objective/rlhf_reward": (ro.scores - kl_coef * kl_per_seq).mean(),
                 "objective/kl_coef": torch.tensor(kl_coef),
-                "value/explained_variance": explained_variance(ro.values, ro.returns, mask),
                 "rollout/response_length": lengths.mean(),
                 "rollout/eos_rate": ro.has_eos.float().mean(),
                 "rollout/rollouts": torch.tensor(float(self.rollouts_done)),
             }
         )
+        if critic:
+            stats["value/explained_variance"] = explained_variance(ro.values, ro.returns, mask)
         stats = {
             k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in stats.items()
         }
@@ -321,6 +321,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         b = ro.query_ids.shape[0]
         mb, micro = split_episodes(b, hp.num_minibatches, hp.micro_batch_size)
+        critic = hp.advantage_estimator == "gae"
         n_micro = mb // micro
         if ptx is not None and hp.ptx_coef > 0:
             ptx = {k: (v.to(self.device) if v is not None else None) for k, v in ptx.items()}
@@ -343,16 +344,25 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
                         logp, entropy = response_logprobs(
                             self.policy, sub, hp.temperature, with_entropy=True, packed=packed
                         )
-                        values = response_values(self.value_model, sub, packed)
                         pg_loss, pg = clipped_policy_loss(
                             logp, sub.logprobs, sub.advantages, sub.response_mask, hp.clip_range
                         )
-                        vf_loss, vf = clipped_value_loss(
-                            values, sub.values, sub.returns, sub.response_mask, hp.value_clip_range
-                        )
-                        loss = pg_loss + hp.vf_coef * vf_loss
                         # Named terms, so a non-finite loss is reported by its term (FiniteGuard).
-                        self.loss_parts = {"policy loss": pg_loss, "value loss": vf_loss}
+                        self.loss_parts = {"policy loss": pg_loss}
+                        loss = pg_loss
+                        if critic:
+                            values = response_values(self.value_model, sub, packed)
+                            vf_loss, vf = clipped_value_loss(
+                                values,
+                                sub.values,
+                                sub.returns,
+                                sub.response_mask,
+                                hp.value_clip_range,
+                            )
+                            loss = loss + hp.vf_coef * vf_loss
+                            self.loss_parts["value loss"] = vf_loss
+                            sums["value/loss"] += float(vf_loss.detach())
+                            sums["value/clipfrac"] += float(vf["clipfrac"])
                         if ptx is not None:
                             rows = ptx_chunks[m * n_micro + u]
                             ptx_loss = self._ptx_loss(
@@ -371,8 +381,6 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
                         ("policy/ratio_var", pg["ratio_var"]),
                         ("policy/entropy", masked_mean(entropy.detach(), sub.response_mask)),
                         ("policy/loss", pg_loss.detach()),
-                        ("value/loss", vf_loss.detach()),
-                        ("value/clipfrac", vf["clipfrac"]),
                     ):
                         sums[key] += float(value)
                     n += 1
@@ -387,14 +395,3 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         out["policy/ratio_first"] = torch.tensor(sums["policy/ratio_first"])
         out["train/lr_policy"] = torch.tensor(opt.param_groups[0]["lr"])
         return out
-
-    def _ptx_loss(self, batch: dict) -> torch.Tensor:
-        """LM loss of the policy on a pretraining micro-batch (``ptx_reduction``)."""
-        check_packed_once(self, self.policy, batch)
-        logits = self.policy(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        ).logits
-        return lm_loss(logits, batch["input_ids"], batch["loss_mask"], self.hparams.ptx_reduction)

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lit_rlhf.modules.base import adamw, build_scheduler, check_packed_once, trainer_precision
 from lit_rlhf.modules.ema import WeightEMA
 from lit_rlhf.modules.sharding import is_sharded, no_gradient_sync, unsharded_copy
+from lit_rlhf.ops.lm_loss import lm_loss
 from lit_rlhf.rollout.packed import PackedRollout
 
 #: State-dict prefixes of the frozen models (not checkpointed).
@@ -55,6 +56,17 @@ class PPOHooksMixin:
             opt, total, hp.schedule, hp.warmup_steps, 1.0, hp.warmup_start_ratio
         )
         return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def _ptx_loss(self, batch: dict) -> torch.Tensor:
+        """LM loss of the policy on a pretraining micro-batch (``ptx_reduction``)."""
+        check_packed_once(self, self.policy, batch)
+        logits = self.policy(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).logits
+        return lm_loss(logits, batch["input_ids"], batch["loss_mask"], self.hparams.ptx_reduction)
 
     def _log_rollout(self, stats: dict[str, torch.Tensor], batch_size: int) -> None:
         """Log a rollout's metrics (reduced across ranks); RM score, KL and β on the bar."""

@@ -68,3 +68,29 @@ class Rollout:
                 for f in fields(self)
             }
         )
+
+
+def split_episodes(
+    batch_size: int, num_minibatches: int, micro_batch_size: int | None
+) -> tuple[int, int]:
+    """Episodes per minibatch and per micro-batch of one rollout; every episode is used.
+
+    Raises:
+        ValueError: When the rollout does not split evenly (the remainder would be dropped
+            from every optimisation epoch without a word) or a size is < 1.
+    """
+    if num_minibatches < 1 or batch_size % num_minibatches:
+        raise ValueError(
+            f"ppo.batch_size ({batch_size}) must be divisible by ppo.num_minibatches "
+            f"({num_minibatches})"
+        )
+    mb = batch_size // num_minibatches
+    if micro_batch_size is None:
+        return mb, mb
+    if micro_batch_size < 1 or mb % min(micro_batch_size, mb):
+        raise ValueError(
+            f"ppo.micro_batch_size ({micro_batch_size}) must be >= 1 and divide the minibatch "
+            f"of {mb} episodes (ppo.batch_size / ppo.num_minibatches); otherwise "
+            f"{mb % max(micro_batch_size, 1)} episodes of each minibatch would be dropped"
+        )
+    return mb, min(micro_batch_size, mb)

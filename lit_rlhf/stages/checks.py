@@ -12,8 +12,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from lit_rlhf.modules.ppo import split_episodes
+from lit_rlhf.ops.critic_free import CRITIC_FREE
 from lit_rlhf.ops.schedules import SCHEDULES
+from lit_rlhf.rollout.record import split_episodes
 from lit_rlhf.stages.context import TRAINED_STAGES, ConfigError, check_run_length
 from lit_rlhf.stages.registry import STAGES
 
@@ -56,6 +57,8 @@ RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "clip_range": _POSITIVE,
         "kl_coef": (_non_negative, "a finite number >= 0 (beta of the KL penalty)"),
         "value_clip_range": (_optional(_positive), "null or a finite number > 0"),
+        "advantage_estimator": (_one_of(("gae", *CRITIC_FREE)), "gae or " + ", ".join(CRITIC_FREE)),
+        "group_size": _COUNT,
     },
     "guard": {
         "nonfinite": (_one_of(("stop", "skip")), "stop or skip"),
@@ -129,7 +132,28 @@ def check_stage_config(cfg: dict, stage: str) -> None:
             )
     if stage in ("ppo", "ppo_ptx"):
         ppo = cfg["ppo"]
+        _check_advantage_estimator(ppo)
         try:  # divisibility: a remainder would drop episodes from every PPO epoch
             split_episodes(ppo["batch_size"], ppo["num_minibatches"], ppo.get("micro_batch_size"))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def _check_advantage_estimator(ppo: dict) -> None:
+    """The estimator, the group size and the batch must fit together (checked as one)."""
+    kind, k = ppo.get("advantage_estimator", "gae"), ppo.get("group_size", 1)
+    if ppo["batch_size"] % k:
+        raise ConfigError(
+            f"ppo.batch_size={ppo['batch_size']} is not a multiple of ppo.group_size={k}: "
+            "each prompt is sampled group_size times"
+        )
+    if kind in ("grpo", "rloo") and k < 2:
+        raise ConfigError(
+            f"ppo.advantage_estimator={kind} compares each response with the other samples of "
+            f"its prompt: set ppo.group_size >= 2 (e.g. 4), not {k}"
+        )
+    if kind != "gae" and ppo.get("whiten_advantages"):
+        raise ConfigError(
+            f"ppo.whiten_advantages=true only applies to gae; {kind} normalizes its own "
+            "advantages: set ppo.whiten_advantages=false"
+        )

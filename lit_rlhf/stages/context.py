@@ -77,6 +77,10 @@ TRAINER_RESULT_KEYS = {
     "num_nodes": 1,
     "deterministic": None,
 }
+#: Settings added after exports of their stage existed -> the value that behaves as before.
+#: At that value a setting is left out of the fingerprint, so a new option does not rename
+#: (and retrain) every existing export; any other value is hashed.
+ADDED_DEFAULTS = {"ppo": {"advantage_estimator": "gae", "group_size": 1}}
 #: Keys that never change a stage's result (where things go, how often to log).
 _NEUTRAL = {
     "export_dir",
@@ -211,6 +215,7 @@ class StageContext:
                     k: None if k == "resume_from" else v
                     for k, v in section.items()
                     if k not in _NEUTRAL
+                    and not (k in ADDED_DEFAULTS.get(key, {}) and v == ADDED_DEFAULTS[key][k])
                 }
             data = self.cfg["data"]
             parts["data"] = {k: data.get(k) for k in ("fields", *STAGE_DATA[stage])}

@@ -39,6 +39,8 @@ MODULE_KEYS = (
     "gamma",
     "lam",
     "whiten_advantages",
+    "advantage_estimator",
+    "group_size",
     "clip_range",
     "value_clip_range",
     "vf_coef",
@@ -132,6 +134,7 @@ def run_ppo(ctx: StageContext, stage: str = "ppo") -> str:
         ptx_max_length=ptx["max_length"],
         seed=ctx.cfg.get("seed", 0),
         limit=pcfg.get("limit"),
+        group_size=pcfg.get("group_size", 1),
     ).connect(tokenizer)
 
     # 3. Train: one Lightning "batch" per rollout; the module stops after n_rollouts.
