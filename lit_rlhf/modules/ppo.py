@@ -179,6 +179,8 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
         # float32 log-probs under bf16 autocast (a no-op in fp32 runs).
         self.policy = fp32_output_head(materialize(policy, "policy"))
         self.value_model = materialize(value_model, "value model")
+        if advantage_estimator != "gae":  # no critic: no grads (DDP would wait for them)
+            freeze(self.value_model)
         self.ref_model = freeze(fp32_output_head(materialize(ref_model, "reference model")))
         self.reward_model = freeze(materialize(reward_model, "reward model"))
         self.optimizer_factory = optimizer
