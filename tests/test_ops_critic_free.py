@@ -83,8 +83,11 @@ def test_every_token_of_a_response_gets_its_advantage_and_padding_none(kind):
 def test_bad_groups_and_names_are_refused():
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), 4, "grpo")
+    for kind in ("grpo", "dr_grpo", "rloo"):
+        with pytest.raises(ValueError, match="group_size >= 2"):
+            group_advantages(torch.zeros(3), 1, kind)
     with pytest.raises(ValueError, match="group_size >= 2"):
-        group_advantages(torch.zeros(3), 1, "rloo")
+        critic_free_advantages(torch.zeros(2, 3), torch.ones(2, 3), "reinforce_pp_baseline")
     with pytest.raises(ValueError, match="unknown advantage estimator"):
         critic_free_advantages(torch.zeros(2, 3), torch.ones(2, 3), "ppo")
 

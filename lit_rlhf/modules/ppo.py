@@ -24,7 +24,7 @@ from lit_rlhf.modules.base import (
 from lit_rlhf.modules.ema import WeightEMA
 from lit_rlhf.modules.ppo_hooks import PPOHooksMixin
 from lit_rlhf.modules.sharding import ShardedModelsMixin
-from lit_rlhf.ops.critic_free import CRITIC_FREE, critic_free_advantages, returns_to_go
+from lit_rlhf.ops.critic_free import check_estimator, critic_free_advantages, returns_to_go
 from lit_rlhf.ops.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from lit_rlhf.ops.masking import masked_mean, masked_whiten
 from lit_rlhf.ops.ppo import (
@@ -164,10 +164,7 @@ class PPOModule(PPOHooksMixin, ShardedModelsMixin, L.LightningModule):
             raise ValueError(f"kl_coef (beta) must be >= 0, got {kl_coef}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if advantage_estimator not in ("gae", *CRITIC_FREE):
-            raise ValueError(f"advantage_estimator must be gae or one of {CRITIC_FREE}")
-        if advantage_estimator in ("grpo", "rloo") and group_size < 2:
-            raise ValueError(f"{advantage_estimator} needs group_size >= 2, got {group_size}")
+        check_estimator(advantage_estimator, group_size)
         if eos_token_id == pad_token_id:
             raise ValueError("pad_token_id must differ from eos_token_id (see load_tokenizer)")
         self.save_hyperparameters(

@@ -27,6 +27,20 @@ from lit_rlhf.ops.masking import masked_whiten
 
 #: The estimators :func:`critic_free_advantages` knows (``gae`` is the critic's, in ops.ppo).
 CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+#: Those whose baseline comes from the other samples of a prompt: a group of one would give
+#: every response advantage 0 (nothing learned, nothing said), so they need group_size >= 2.
+GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+
+
+def check_estimator(kind: str, group_size: int) -> None:
+    """Raise ValueError unless ``kind`` (or ``gae``) can run with ``group_size`` samples."""
+    if kind not in ("gae", *CRITIC_FREE):
+        raise ValueError(f"advantage_estimator must be gae or one of {CRITIC_FREE}, got {kind!r}")
+    if kind in GROUP_BASELINES and group_size < 2:
+        raise ValueError(
+            f"{kind} compares each response with the other samples of its prompt: it needs "
+            f"group_size >= 2 (e.g. 4), not {group_size}"
+        )
 
 
 def _groups(returns: Tensor, group_size: int) -> Tensor:
@@ -67,12 +81,12 @@ def group_advantages(returns: Tensor, group_size: int, kind: str, eps: float = 1
         ``(B,)`` advantages, in the rows' order.
     """
     g = _groups(returns.detach(), group_size)
+    if group_size < 2:
+        raise ValueError(f"{kind} needs group_size >= 2 (a baseline from the other samples)")
     centered = g - g.mean(dim=1, keepdim=True)
     if kind == "dr_grpo":
         out = centered
     elif kind in ("grpo", "rloo"):
-        if group_size < 2:
-            raise ValueError(f"{kind} needs group_size >= 2 (a baseline from the other samples)")
         if kind == "grpo":
             out = centered / (g.std(dim=1, keepdim=True) + eps)
         else:
@@ -100,6 +114,8 @@ def critic_free_advantages(rewards: Tensor, mask: Tensor, kind: str, group_size:
         adv = group_advantages(g[:, 0], group_size, kind).unsqueeze(-1).expand_as(g)
     elif kind in ("reinforce_pp", "reinforce_pp_baseline"):
         if kind == "reinforce_pp_baseline":
+            if group_size < 2:
+                raise ValueError(f"{kind} needs group_size >= 2 (a baseline from the group)")
             base = _groups(g[:, 0], group_size).mean(dim=1).repeat_interleave(group_size)
             g = g - base.unsqueeze(-1)
         adv = masked_whiten(g, mask)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from lit_rlhf.ops.critic_free import CRITIC_FREE
+from lit_rlhf.ops.critic_free import CRITIC_FREE, check_estimator
 from lit_rlhf.ops.schedules import SCHEDULES
 from lit_rlhf.rollout.record import split_episodes
 from lit_rlhf.stages.context import TRAINED_STAGES, ConfigError, check_run_length
@@ -147,11 +147,10 @@ def _check_advantage_estimator(ppo: dict) -> None:
             f"ppo.batch_size={ppo['batch_size']} is not a multiple of ppo.group_size={k}: "
             "each prompt is sampled group_size times"
         )
-    if kind in ("grpo", "rloo") and k < 2:
-        raise ConfigError(
-            f"ppo.advantage_estimator={kind} compares each response with the other samples of "
-            f"its prompt: set ppo.group_size >= 2 (e.g. 4), not {k}"
-        )
+    try:
+        check_estimator(kind, k)
+    except ValueError as err:
+        raise ConfigError(f"ppo.advantage_estimator={kind}: {err} (ppo.group_size)") from None
     if kind != "gae" and ppo.get("whiten_advantages"):
         raise ConfigError(
             f"ppo.whiten_advantages=true only applies to gae; {kind} normalizes its own "
