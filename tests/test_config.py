@@ -148,14 +148,21 @@ def test_stage_settings_reach_the_trainer(compose_cfg, tmp_path):
     assert isinstance(trainer.logger, CSVLogger)
 
 
+def _fingerprints(compose_cfg, tmp_path, stages, *overrides) -> dict[str, str]:
+    """Stage -> export fingerprint of the train config composed with ``overrides``."""
+    cfg = compose_cfg(*overrides)
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
+    return {s: ctx.fingerprint(s) for s in stages}
+
+
 def test_precision_is_part_of_trained_stages_fingerprints(compose_cfg, tmp_path):
     def prints(*overrides):
-        cfg = compose_cfg(*overrides)
-        with open_dict(cfg):
-            cfg.pop("hydra")
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-        ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
-        return {s: ctx.fingerprint(s) for s in ("pretrain", "sft", "label", "rm", "ppo")}
+        return _fingerprints(
+            compose_cfg, tmp_path, ("pretrain", "sft", "label", "rm", "ppo"), *overrides
+        )
 
     fp32, bf16 = prints(), prints("precision=bf16-mixed")
     # Every trained stage (and the label stage, downstream of SFT) gets a new export folder.
@@ -165,12 +172,7 @@ def test_precision_is_part_of_trained_stages_fingerprints(compose_cfg, tmp_path)
 
 def test_guard_skip_mode_is_in_the_fingerprint_and_the_defaults_are_not(compose_cfg, tmp_path):
     def prints(*overrides):
-        cfg = compose_cfg(*overrides)
-        with open_dict(cfg):
-            cfg.pop("hydra")
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-        ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
-        return {s: ctx.fingerprint(s) for s in ("pretrain", "sft", "rm", "ppo")}
+        return _fingerprints(compose_cfg, tmp_path, ("pretrain", "sft", "rm", "ppo"), *overrides)
 
     default = prints()
     # Stop (the default) or warn leaves the weights of a finished run as they are.
@@ -181,12 +183,8 @@ def test_guard_skip_mode_is_in_the_fingerprint_and_the_defaults_are_not(compose_
 
 def test_settings_added_later_keep_old_folder_names_at_their_old_behaviour(compose_cfg, tmp_path):
     def prints(*overrides):
-        cfg = compose_cfg(*overrides)
-        with open_dict(cfg):
-            cfg.pop("hydra")
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-        ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
-        return ctx.fingerprint("ppo"), ctx.fingerprint("ppo_ptx")
+        f = _fingerprints(compose_cfg, tmp_path, ("ppo", "ppo_ptx"), *overrides)
+        return f["ppo"], f["ppo_ptx"]
 
     default = prints()
     assert prints("ppo.advantage_estimator=gae", "ppo.group_size=1") == default
@@ -196,12 +194,7 @@ def test_settings_added_later_keep_old_folder_names_at_their_old_behaviour(compo
 
 def test_trainer_settings_that_change_results_are_in_the_fingerprint(compose_cfg, tmp_path):
     def prints(*overrides):
-        cfg = compose_cfg(*overrides)
-        with open_dict(cfg):
-            cfg.pop("hydra")
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-        ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
-        return {s: ctx.fingerprint(s) for s in ("pretrain", "sft", "rm")}
+        return _fingerprints(compose_cfg, tmp_path, ("pretrain", "sft", "rm"), *overrides)
 
     default = prints()
     for override in (
