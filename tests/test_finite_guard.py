@@ -47,7 +47,7 @@ class _Toy(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def _fit(module: _Toy, guard: FiniteGuard, steps: int = 8) -> L.Trainer:
+def _fit(module: _Toy, guard: FiniteGuard, steps: int = 8, extra=()) -> L.Trainer:
     data = torch.utils.data.TensorDataset(torch.randn(steps, 4))
     trainer = L.Trainer(
         max_epochs=1,
@@ -56,7 +56,7 @@ def _fit(module: _Toy, guard: FiniteGuard, steps: int = 8) -> L.Trainer:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[guard],
+        callbacks=[guard, *extra],
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=1))
     return trainer
@@ -88,17 +88,7 @@ def test_skip_mode_drops_nonfinite_steps_and_counts_them():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen[batch_idx] = _weights(pl_module)
 
-    data = torch.utils.data.TensorDataset(torch.randn(8, 4))
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[guard, Record()],
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=1))
+    trainer = _fit(module, guard, extra=[Record()])
     assert guard.skipped == 2
     assert trainer.callback_metrics["guard/skipped_steps"] == 2
     # A skipped step moves no parameter; the others do.

@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 import torch
+from test_ppo import data_files, fit, make_module  # noqa: F401 (data_files: a fixture)
 
 from lit_rlhf.ops.critic_free import (
     CRITIC_FREE,
@@ -93,29 +94,11 @@ def test_bad_groups_and_names_are_refused():
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo", "reinforce_pp_baseline"])
-def test_ppo_with_a_critic_free_estimator_trains_no_value_model(tok, tmp_path, kind):
-    import json
-
-    import lightning as L
-    from test_ppo import make_module
-
-    from lit_rlhf.data.ppo_datamodule import PPODataModule
-
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Review {i}:"}) + "\n" for i in range(40)))
+def test_ppo_with_a_critic_free_estimator_trains_no_value_model(tok, data_files, kind):  # noqa: F811
     module = make_module(tok, advantage_estimator=kind, group_size=4, whiten_advantages=False)
     value_before = [p.detach().clone() for p in module.value_model.parameters()]
     policy_before = [p.detach().clone() for p in module.policy.parameters()]
-    L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, PPODataModule(str(prompts), batch_size=8, group_size=4).connect(tok))
+    fit(module, tok, data_files, group_size=4)
     ro = module.last_rollout
     # Rows come in groups of 4 samples of one prompt, and the groups differ.
     q = ro.query_ids

@@ -63,10 +63,24 @@ def make_module(tok, arch="gpt2", **kw):
     )
 
 
-def fit(module, tok, data_files, ptx_ratio=0.0, ckpt_path=None, seed=0, precision="32-true"):
+def fit(
+    module,
+    tok,
+    data_files,
+    ptx_ratio=0.0,
+    ckpt_path=None,
+    seed=0,
+    precision="32-true",
+    group_size=1,
+    callbacks=(),
+):
     L.seed_everything(seed, verbose=False)
     dm = PPODataModule(
-        data_files[0], data_files[1] if ptx_ratio else None, batch_size=8, ptx_ratio=ptx_ratio
+        data_files[0],
+        data_files[1] if ptx_ratio else None,
+        batch_size=8,
+        ptx_ratio=ptx_ratio,
+        group_size=group_size,
     ).connect(tok)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -76,6 +90,7 @@ def fit(module, tok, data_files, ptx_ratio=0.0, ckpt_path=None, seed=0, precisio
         enable_progress_bar=False,
         enable_model_summary=False,
         precision=precision,
+        callbacks=list(callbacks),
     )
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer

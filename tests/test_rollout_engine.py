@@ -95,7 +95,6 @@ def test_callbacks_get_each_rollout_through_the_step_outputs(tok, data_files):  
     import lightning as L
 
     from lit_rlhf.callbacks.gold_tracking import GoldTrackingCallback
-    from lit_rlhf.data.ppo_datamodule import PPODataModule
 
     seen = []
 
@@ -107,18 +106,7 @@ def test_callbacks_get_each_rollout_through_the_step_outputs(tok, data_files):  
         return [float(len(r)) for r in responses]
 
     module = make_module(tok)
-    L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[GoldTrackingCallback(length_judge, tok), Spy()],
-    )
-    dm = PPODataModule(data_files[0], None, batch_size=8).connect(tok)
-    trainer.fit(module, dm)
+    fit(module, tok, data_files, callbacks=[GoldTrackingCallback(length_judge, tok), Spy()])
     assert len(seen) == module.rollouts_done == 2
     for (ro, metrics), row in zip(seen, module.history):
         assert metrics is row  # the history row itself: added keys reach history.json
