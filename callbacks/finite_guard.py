@@ -151,13 +151,6 @@ class FiniteGuard(L.Callback):
             )
 
     # -- at the end -------------------------------------------------------------------------
-    def as_metrics(self) -> dict[str, float]:
-        """``guard/skipped_steps`` and, when diverged under ``warn``, ``guard/diverged``."""
-        out = {"guard/skipped_steps": float(self.skipped)}
-        if loss_diverged(self.losses, self.window, self.factor) is not None:
-            out["guard/diverged"] = 1.0
-        return out
-
     def on_train_end(self, trainer, pl_module) -> None:
         last = loss_diverged(self.losses, self.window, self.factor)
         # Ranks see different losses; all of them stop, or none waits for an export forever.
@@ -176,4 +169,7 @@ class FiniteGuard(L.Callback):
                 f"Lower {self.lr_setting}, or set guard.on_divergence=warn to export anyway"
             )
         # Read by MetricsJSONCallback at fit end, so the stage's metrics.json has them.
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.as_metrics().items()})
+        metrics = {"guard/skipped_steps": float(self.skipped)}
+        if last is not None:  # diverged under on_divergence=warn
+            metrics["guard/diverged"] = 1.0
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})

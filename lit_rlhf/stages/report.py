@@ -22,7 +22,7 @@ from lit_rlhf.modules.reward import score_pairs
 from lit_rlhf.ops.ranking import pairwise_accuracy
 from lit_rlhf.stages.checks import check_stage_config
 from lit_rlhf.stages.context import ConfigError, StageContext
-from lit_rlhf.stages.registry import STAGES, pipeline_stages
+from lit_rlhf.stages.registry import pipeline_stages
 
 log = logging.getLogger("lit_rlhf")
 
@@ -200,7 +200,7 @@ def run_pipeline(ctx: StageContext, stage: str = "pipeline") -> str:
     """The whole recipe: each stage is built unless its output exists for this config."""
     start = time.perf_counter()
     steps = list(ctx.cfg["stage"].get("stages") or pipeline_stages())
-    unknown = [s for s in steps if s not in STAGES or s == "pipeline"]
+    unknown = [s for s in steps if s not in pipeline_stages()]
     if unknown:
         raise ConfigError(
             f"stage.stages has {unknown}: choose from {pipeline_stages()} "
