@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +87,37 @@ def _clean_process_state():
     os.environ.update(saved)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def compose_cfg(tmp_path, monkeypatch):
+    """``compose_cfg(*overrides)`` -> the composed train config with HydraConfig set."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from lit_rlhf import run
+
+    monkeypatch.setenv("LIT_RLHF_HOME", str(tmp_path))
+    run.register_resolvers()
+    GlobalHydra.instance().clear()
+    ctx = initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"
+    )
+    ctx.__enter__()
+
+    def make(*overrides: str):
+        # hydra.runtime.output_dir is only filled in by a real run: point output_dir at tmp.
+        cfg = compose(
+            "train",
+            overrides=[*overrides, f"paths.output_dir={tmp_path / 'run'}"],
+            return_hydra_config=True,
+        )
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    yield make
+    ctx.__exit__(None, None, None)
+    GlobalHydra.instance().clear()
+    # A leftover HydraConfig would make later tests' run() think it is inside a Hydra job.
+    HydraConfig.instance().cfg = None

@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
@@ -22,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf, open_dict, read_write
 
-from lit_rlhf.run import _check_multirun_strategy, make_trainer_factory, register_resolvers
+from lit_rlhf.run import _check_multirun_strategy, make_trainer_factory
 from lit_rlhf.stages.context import ConfigError, StageContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,32 +41,6 @@ def _choices() -> list[tuple[str, str]]:
 
 
 CHOICES = _choices()
-
-
-@pytest.fixture
-def compose_cfg(tmp_path, monkeypatch):
-    """``compose_cfg(*overrides)`` -> the composed train config with HydraConfig set."""
-    monkeypatch.setenv("LIT_RLHF_HOME", str(tmp_path))
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    ctx = initialize_config_dir(config_dir=str(CONF), version_base="1.3")
-    ctx.__enter__()
-
-    def make(*overrides: str):
-        # hydra.runtime.output_dir is only filled in by a real run: point output_dir at tmp.
-        cfg = compose(
-            "train",
-            overrides=[*overrides, f"paths.output_dir={tmp_path / 'run'}"],
-            return_hydra_config=True,
-        )
-        HydraConfig().set_config(cfg)
-        return cfg
-
-    yield make
-    ctx.__exit__(None, None, None)
-    GlobalHydra.instance().clear()
-    # A leftover HydraConfig would make later tests' run() think it is inside a Hydra job.
-    HydraConfig.instance().cfg = None
 
 
 def test_every_group_has_choices():
@@ -146,65 +119,6 @@ def test_stage_settings_reach_the_trainer(compose_cfg, tmp_path):
     assert any(isinstance(c, TQDMProgressBar) for c in trainer.callbacks)
     assert any(isinstance(c, ModelCheckpoint) and c.save_last for c in trainer.callbacks)
     assert isinstance(trainer.logger, CSVLogger)
-
-
-def _fingerprints(compose_cfg, tmp_path, stages, *overrides) -> dict[str, str]:
-    """Stage -> export fingerprint of the train config composed with ``overrides``."""
-    cfg = compose_cfg(*overrides)
-    with open_dict(cfg):
-        cfg.pop("hydra")
-    cfg = OmegaConf.to_container(cfg, resolve=True)
-    ctx = StageContext(cfg=cfg, run_dir=str(tmp_path), make_trainer=None)
-    return {s: ctx.fingerprint(s) for s in stages}
-
-
-def test_precision_is_part_of_trained_stages_fingerprints(compose_cfg, tmp_path):
-    def prints(*overrides):
-        return _fingerprints(
-            compose_cfg, tmp_path, ("pretrain", "sft", "label", "rm", "ppo"), *overrides
-        )
-
-    fp32, bf16 = prints(), prints("precision=bf16-mixed")
-    # Every trained stage (and the label stage, downstream of SFT) gets a new export folder.
-    assert all(fp32[s] != bf16[s] for s in fp32)
-    assert prints() == fp32
-
-
-def test_guard_skip_mode_is_in_the_fingerprint_and_the_defaults_are_not(compose_cfg, tmp_path):
-    def prints(*overrides):
-        return _fingerprints(compose_cfg, tmp_path, ("pretrain", "sft", "rm", "ppo"), *overrides)
-
-    default = prints()
-    # Stop (the default) or warn leaves the weights of a finished run as they are.
-    assert prints("guard.on_divergence=warn", "guard.divergence_window=5") == default
-    skip = prints("guard.nonfinite=skip")  # skipped steps train other weights
-    assert all(skip[s] != default[s] for s in default)
-
-
-def test_settings_added_later_keep_old_folder_names_at_their_old_behaviour(compose_cfg, tmp_path):
-    def prints(*overrides):
-        f = _fingerprints(compose_cfg, tmp_path, ("ppo", "ppo_ptx"), *overrides)
-        return f["ppo"], f["ppo_ptx"]
-
-    default = prints()
-    assert prints("ppo.advantage_estimator=gae", "ppo.group_size=1") == default
-    assert prints("experiment=grpo") != default
-    assert prints("ppo.group_size=2") != default  # GAE over two samples per prompt
-
-
-def test_trainer_settings_that_change_results_are_in_the_fingerprint(compose_cfg, tmp_path):
-    def prints(*overrides):
-        return _fingerprints(compose_cfg, tmp_path, ("pretrain", "sft", "rm"), *overrides)
-
-    default = prints()
-    for override in (
-        "+trainer.max_steps=2",
-        "+trainer.accumulate_grad_batches=2",
-        "trainer.devices=2",
-    ):
-        assert all(prints(override)[s] != default[s] for s in default), override
-    # The neutral values keep the default's folder names (exports made before stay reused).
-    assert prints("+trainer.accumulate_grad_batches=1", "trainer.log_every_n_steps=3") == default
 
 
 @pytest.mark.parametrize(
